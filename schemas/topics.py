@@ -98,3 +98,20 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
             if getattr(err, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     return created
+
+
+def producer_config(settings: Settings, **extra: object) -> dict[str, object]:
+    """confluent-kafka producer settings every radstream producer shares.
+
+    ``murmur2_random`` is the Java client's partitioner, which Faust (aiokafka) uses
+    too: a study's events from a gateway and from a stream stage must land on the same
+    partition number, or Faust tables keyed by study would not be co-partitioned.
+    """
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "client.id": settings.kafka.client_id,
+        "partitioner": "murmur2_random",
+        "enable.idempotence": True,
+        "acks": "all",
+        **extra,
+    }

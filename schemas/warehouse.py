@@ -1,0 +1,92 @@
+"""The one client path to the warehouse: clickhouse-connect, for both modes.
+
+Production points ``warehouse.url`` at a ClickHouse server; the embedded runtime
+serves the same HTTP protocol over chDB (``radstream.warehouse_server``). The DDL in
+``schemas/clickhouse/*.sql`` is applied in file order and is idempotent; named queries
+live in ``schemas/clickhouse/queries/*.sql`` with ``{name:Type}`` parameters bound
+by the server.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+from urllib.parse import urlparse
+
+from schemas.settings import Settings
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse cannot be reached or refused a statement; the message says which."""
+
+
+def _sql_dir():
+    return resources.files("schemas").joinpath("clickhouse")
+
+
+def ddl_statements() -> list[tuple[str, str]]:
+    """(file name, statement) for every DDL file, in order."""
+    files = sorted((f for f in _sql_dir().iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return [(f.name, f.read_text()) for f in files]
+
+
+def named_query(name: str) -> str:
+    try:
+        return _sql_dir().joinpath("queries", f"{name}.sql").read_text()
+    except FileNotFoundError:
+        raise WarehouseError(f"no named query {name!r} in schemas/clickhouse/queries") from None
+
+
+def connect(settings: Settings, *, database: str | None = None):
+    """A clickhouse-connect client for the configured warehouse (``database`` None: the settings')."""
+    import clickhouse_connect
+
+    url = urlparse(settings.warehouse_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise WarehouseError(f"warehouse.url {settings.warehouse_url!r} must look like http(s)://host:port")
+    try:
+        return clickhouse_connect.get_client(
+            host=url.hostname,
+            port=url.port or (8443 if url.scheme == "https" else 8123),
+            secure=url.scheme == "https",
+            username=url.username or settings.warehouse.username,
+            password=url.password or settings.warehouse.password.get_secret_value(),
+            database=settings.warehouse.database if database is None else database,
+            connect_timeout=settings.warehouse.connect_timeout_s,
+            autogenerate_session_id=False,
+        )
+    except Exception as exc:
+        raise WarehouseError(f"cannot reach the warehouse at {settings.warehouse_url}: {exc}") from None
+
+
+def apply_ddl(settings: Settings) -> None:
+    """Create the database and every table/view; safe to run at every start."""
+    admin = connect(settings, database="default")
+    try:
+        admin.command(f"CREATE DATABASE IF NOT EXISTS {settings.warehouse.database}")
+    finally:
+        admin.close()
+    client = connect(settings)
+    try:
+        for name, statement in ddl_statements():
+            try:
+                client.command(statement)
+            except Exception as exc:
+                raise WarehouseError(f"applying schemas/clickhouse/{name} failed: {exc}") from None
+    finally:
+        client.close()
+
+
+def query_rows(settings: Settings, name: str, **parameters: Any) -> list[dict[str, Any]]:
+    """Run a named query and return its rows as dicts."""
+    client = connect(settings)
+    try:
+        result = client.query(named_query(name), parameters=parameters)
+        return [dict(zip(result.column_names, row)) for row in result.result_rows]
+    finally:
+        client.close()
+
+
+def current_worklist(settings: Settings, limit: int = 1000) -> list[dict[str, Any]]:
+    """Latest version of every study on the worklist, most urgent first."""
+    return query_rows(settings, "current_worklist", limit=limit)

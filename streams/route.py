@@ -1,0 +1,212 @@
+"""Routing v1: priority and subspecialty of a study from its DICOM metadata, by rules.
+
+Rules live in a TOML file (``routing.rules_file``; the packaged
+``streams/rules/default.toml`` otherwise), validated when loaded: an unknown key, an
+unknown priority or a bad regular expression fails at start with the rule's id, never
+in the middle of a stream. Every matching rule is recorded in the decision's ``reasons``
+so a reader or an auditor sees why a study got its priority (explainable routing).
+
+The subspecialty is taken from the first matching ``[[subspecialty]]`` rule; the
+priority is the most urgent of all matching ``[[priority]]`` rules. Clinical context
+(STAT orders), AI findings and the reader roster join this stage in later issues.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from schemas.events import Priority, RoutingDecision, RuleHit, StudyAssembled, WorklistUpdate
+
+_CONDITIONS = {"modality", "body_part", "description_matches", "source_site"}
+
+
+class RuleError(ValueError):
+    """A routing rule file is invalid; the message names the rule and the key."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    modality: frozenset[str] | None = None
+    body_part: frozenset[str] | None = None
+    description: re.Pattern[str] | None = None
+    source_site: frozenset[str] | None = None
+
+    def matches(self, study: StudyAssembled) -> bool:
+        if self.modality is not None and not self.modality & {m.upper() for m in study.modalities}:
+            return False
+        if self.body_part is not None and not self.body_part & {b.upper() for b in study.body_parts}:
+            return False
+        if self.description is not None:
+            text = " ".join(filter(None, [study.study_description, *(s.series_description or "" for s in study.series)]))
+            if not self.description.search(text):
+                return False
+        if self.source_site is not None and study.source_site.upper() not in self.source_site:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    description: str
+    when: Condition
+    priority: Priority | None = None
+    subspecialty: str | None = None
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    default_priority: Priority
+    default_subspecialty: str
+    subspecialty_rules: tuple[Rule, ...]
+    priority_rules: tuple[Rule, ...]
+    source: str
+
+
+def default_rules_path() -> Path:
+    return Path(str(resources.files("streams").joinpath("rules", "default.toml")))
+
+
+def load_rules(path: Path | None = None) -> RuleSet:
+    path = path or default_rules_path()
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RuleError(f"routing rules file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RuleError(f"routing rules file {path} is not valid TOML: {exc}") from None
+    return parse_rules(data, str(path))
+
+
+def parse_rules(data: dict[str, Any], source: str = "<rules>") -> RuleSet:
+    unknown = set(data) - {"defaults", "subspecialty", "priority"}
+    if unknown:
+        raise RuleError(f"{source}: unknown top-level keys {sorted(unknown)}")
+    defaults = data.get("defaults", {})
+    seen: set[str] = set()
+
+    def rule(raw: dict[str, Any], kind: str) -> Rule:
+        rule_id = raw.get("id")
+        if not rule_id or not isinstance(rule_id, str):
+            raise RuleError(f"{source}: a [[{kind}]] rule has no id")
+        if rule_id in seen:
+            raise RuleError(f"{source}: rule id {rule_id!r} is used twice")
+        seen.add(rule_id)
+        allowed = {"id", "description", "when", kind}
+        if extra := set(raw) - allowed:
+            raise RuleError(f"{source}: rule {rule_id!r} has unknown keys {sorted(extra)}")
+        if kind not in raw:
+            raise RuleError(f"{source}: rule {rule_id!r} must set {kind!r}")
+        when = raw.get("when", {})
+        if extra := set(when) - _CONDITIONS:
+            raise RuleError(f"{source}: rule {rule_id!r} has unknown conditions {sorted(extra)}; known: {sorted(_CONDITIONS)}")
+        try:
+            pattern = re.compile(when["description_matches"], re.IGNORECASE) if "description_matches" in when else None
+        except re.error as exc:
+            raise RuleError(f"{source}: rule {rule_id!r} description_matches is not a valid regex: {exc}") from None
+        condition = Condition(
+            modality=_upper_set(when, "modality", rule_id, source),
+            body_part=_upper_set(when, "body_part", rule_id, source),
+            description=pattern,
+            source_site=_upper_set(when, "source_site", rule_id, source),
+        )
+        value = raw[kind]
+        return Rule(
+            id=rule_id, description=raw.get("description", rule_id), when=condition,
+            priority=_priority(value, rule_id, source) if kind == "priority" else None,
+            subspecialty=str(value) if kind == "subspecialty" else None,
+        )
+
+    return RuleSet(
+        default_priority=_priority(defaults.get("priority", "ROUTINE"), "defaults", source),
+        default_subspecialty=str(defaults.get("subspecialty", "general")),
+        subspecialty_rules=tuple(rule(r, "subspecialty") for r in data.get("subspecialty", [])),
+        priority_rules=tuple(rule(r, "priority") for r in data.get("priority", [])),
+        source=source,
+    )
+
+
+def _upper_set(when: dict[str, Any], key: str, rule_id: str, source: str) -> frozenset[str] | None:
+    if key not in when:
+        return None
+    value = when[key]
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise RuleError(f"{source}: rule {rule_id!r} condition {key!r} must be a string or a list of strings")
+    return frozenset(v.upper() for v in values)
+
+
+def _priority(value: Any, rule_id: str, source: str) -> Priority:
+    try:
+        return Priority(str(value).upper())
+    except ValueError:
+        raise RuleError(f"{source}: rule {rule_id!r} priority {value!r} is not one of {[p.value for p in Priority]}") from None
+
+
+def route(study: StudyAssembled, rules: RuleSet, now) -> tuple[RoutingDecision, WorklistUpdate]:
+    """Decide priority and subspecialty of one study version; pure."""
+    reasons: list[RuleHit] = []
+    subspecialty = rules.default_subspecialty
+    for rule in rules.subspecialty_rules:
+        if rule.when.matches(study):
+            subspecialty = rule.subspecialty or subspecialty
+            reasons.append(RuleHit(rule_id=rule.id, description=rule.description, effect=f"subspecialty={subspecialty}"))
+            break
+    priority = rules.default_priority
+    for rule in rules.priority_rules:
+        if rule.when.matches(study):
+            reasons.append(RuleHit(rule_id=rule.id, description=rule.description, effect=f"priority={rule.priority.value}"))
+            if rule.priority.rank < priority.rank:
+                priority = rule.priority
+    if not reasons:
+        reasons.append(RuleHit(rule_id="defaults", description="no rule matched", effect=f"priority={priority.value}"))
+    decision = RoutingDecision(
+        trace_id=study.trace_id, study_uid=study.study_uid, version=study.version, priority=priority,
+        subspecialty=subspecialty, reasons=reasons, routed_at=now,
+    )
+    worklist = WorklistUpdate(
+        trace_id=study.trace_id, study_uid=study.study_uid, version=study.version,
+        accession_number=study.accession_number, patient_id=study.patient_id, patient_name=study.patient_name,
+        modality=study.modalities[0] if study.modalities else "OT", modalities=list(study.modalities),
+        body_part=study.body_parts[0] if study.body_parts else None, study_description=study.study_description,
+        priority=priority, subspecialty=subspecialty, source_site=study.source_site,
+        institution_name=study.institution_name, instance_count=study.instance_count,
+        reasons=[f"{hit.rule_id}: {hit.effect}" for hit in reasons],
+        received_at=study.first_received_at, assembled_at=study.assembled_at, routed_at=now,
+    )
+    return decision, worklist
+
+
+# ---------------------------------------------------------------- the thin Faust agent
+
+
+def register(ctx) -> None:
+    """Attach the routing agent: study.assembled -> routing.decision + worklist.update."""
+    from schemas.codec import DecodeError
+    from schemas.events import utcnow
+    from schemas.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
+    from schemas.topics import ROUTING_DECISION, STUDY_ASSEMBLED, WORKLIST_UPDATE
+
+    log = get_logger("radstream.route")
+    rules = load_rules(ctx.settings.routing.rules_file)  # invalid rules stop the worker at start
+
+    @ctx.app.agent(ctx.topic(STUDY_ASSEMBLED), name="route")
+    async def route_agent(stream) -> None:
+        async for event in stream.events():
+            try:
+                study = ctx.codec.decode(event.value, StudyAssembled)
+            except DecodeError as exc:
+                await ctx.dead_letter("route", "undecodable", str(exc), event)
+                continue
+            with STAGE_SECONDS.labels("route").time():
+                decision, worklist = route(study, rules, utcnow())
+            await ctx.send(ROUTING_DECISION, decision)
+            await ctx.send(WORKLIST_UPDATE, worklist)
+            STAGE_EVENTS.labels("route", "ok").inc()
+            log.info("study routed", trace_id=study.trace_id, version=study.version,
+                     priority=decision.priority.value, subspecialty=decision.subspecialty)
