@@ -1,0 +1,110 @@
+"""The Faust worker against a real broker: instances in, assembled/routed studies out.
+
+No warehouse here (the sink retries until one answers); the end-to-end test with the
+warehouse and dcmtk is tests/test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from radstream import procs
+from schemas.codec import Codec
+from schemas.events import DeadLetter, InstanceReceived, Priority, StudyAssembled, WorklistUpdate, trace_id_for, utcnow
+from schemas.settings import Settings
+from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, STUDY_ASSEMBLED, WORKLIST_UPDATE, key_of, producer_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def worker(broker: Settings, tmp_path: Path) -> Iterator[Settings]:
+    env = {**os.environ, **broker.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": broker.kafka_bootstrap,
+           "RADSTREAM_WAREHOUSE_URL": f"http://127.0.0.1:{procs.free_port()}"}
+    ready = Path(broker.data_dir).resolve() / "run" / "worker.ready"
+    log = tmp_path / "worker.log"
+    proc = procs.spawn(procs.python_module("streams", "worker"), env=env, log_path=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "worker not ready in 60 s:\n" + log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield broker
+    finally:
+        procs.stop(proc, grace_s=5)
+
+
+def instance(study: str, sop: str, *, expected: int | None = None, description: str | None = None) -> InstanceReceived:
+    return InstanceReceived(
+        trace_id=trace_id_for(study), study_uid=study, series_uid=study + ".1", sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        blob_uri=f"file:///blobs/{sop}.dcm", blob_size=10, blob_sha256="sha" + sop, source_site="SITE_A",
+        gateway="dicom-scp", received_at=utcnow(), modality="CT", expected_study_instances=expected,
+        study_description=description,
+    )
+
+
+def produce(settings: Settings, events, topic_spec=INSTANCE_RECEIVED, raw: list[bytes] | None = None) -> None:
+    codec, producer = Codec(), Producer(producer_config(settings))
+    for event in events:
+        producer.produce(topic_spec.name(settings), key=key_of(topic_spec, event), value=codec.encode(event))
+    for value in raw or []:
+        producer.produce(topic_spec.name(settings), key=b"garbage", value=value)
+    assert producer.flush(10) == 0
+
+
+def consume(settings: Settings, spec, count: int, timeout_s: float = 40) -> list:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"t-{time.time()}",
+                         "enable.auto.commit": False})
+    consumer.assign([TopicPartition(spec.name(settings), p, 0) for p in range(settings.kafka.partitions)])
+    codec, out, deadline = Codec(), [], time.monotonic() + timeout_s
+    try:
+        while len(out) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                out.append(codec.decode(msg.value(), spec.event))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_quiet_period_and_expected_count_studies_reach_the_worklist(worker: Settings) -> None:
+    started = time.monotonic()
+    produce(worker, [
+        instance("1.9.1", "1.9.1.1"), instance("1.9.1", "1.9.1.2"), instance("1.9.1", "1.9.1.2"),  # resend
+        instance("1.9.2", "1.9.2.1", expected=2, description="CT HEAD stroke"),
+        instance("1.9.2", "1.9.2.2", expected=2, description="CT HEAD stroke"),
+    ])
+    assembled = {s.study_uid: s for s in consume(worker, STUDY_ASSEMBLED, 2)}
+    assert set(assembled) == {"1.9.1", "1.9.2"}
+    assert assembled["1.9.1"].instance_count == 2 and assembled["1.9.1"].completion_reason.value == "QUIET_PERIOD_ELAPSED"
+    assert assembled["1.9.2"].completion_reason.value == "EXPECTED_COUNT_REACHED"
+    rows = {w.study_uid: w for w in consume(worker, WORKLIST_UPDATE, 2)}
+    assert rows["1.9.2"].priority is Priority.URGENT and rows["1.9.2"].subspecialty == "neuroradiology"
+    assert rows["1.9.1"].priority is Priority.ROUTINE
+    # the quiet period is closed by the clock: no later message was needed to close 1.9.1
+    assert time.monotonic() - started < 40
+
+
+def test_late_instance_makes_version_two(worker: Settings) -> None:
+    produce(worker, [instance("1.8.1", "1.8.1.1")])
+    assert [s.version for s in consume(worker, STUDY_ASSEMBLED, 1)] == [1]
+    produce(worker, [instance("1.8.1", "1.8.1.2")])
+    versions = consume(worker, STUDY_ASSEMBLED, 2)
+    assert [s.version for s in versions] == [1, 2] and versions[1].instance_count == 2
+
+
+def test_garbage_on_the_instance_topic_is_dead_lettered_and_the_worker_lives_on(worker: Settings) -> None:
+    produce(worker, [], raw=[b"not avro at all", b"\xc3\x01" + b"\x00" * 12])
+    letters = consume(worker, DEAD_LETTER, 2)
+    assert {d.reason for d in letters} == {"undecodable"} and all(d.stage == "assemble" for d in letters)
+    assert letters[0].payload == b"not avro at all" and letters[0].source_topic == INSTANCE_RECEIVED.name(worker)
+    produce(worker, [instance("1.7.1", "1.7.1.1", expected=1)])
+    assert consume(worker, STUDY_ASSEMBLED, 1)[0].study_uid == "1.7.1"
