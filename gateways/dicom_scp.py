@@ -1,0 +1,460 @@
+"""DICOM gateway: a C-STORE / C-ECHO SCP that turns received instances into events.
+
+Sites' PACS and modalities push studies here over DICOM (PS3.4 Annex B Storage
+Service Class, PS3.4 Annex A Verification, DIMSE per PS3.7). For every C-STORE the
+handler takes the dataset exactly as it was sent (no pixel decoding), reads its header,
+validates the UIDs, writes the PS3.10 file to the claim-check blob store, publishes an
+``InstanceReceived`` event and waits for the broker's ack: only then does the sender
+get Success (0x0000). Every failure answers with the PS3.4 B.2.3 / PS3.7 C status a
+sender acts on (0xA700 Out of Resources: retry later; 0xA900 / 0xC000: do not retry
+as is) and is published as a ``DeadLetter`` event, unless the broker itself is
+unreachable, in which case it is logged. pynetdicom runs each association in its
+own thread, so stores from several senders overlap.
+
+Run it with ``python -m gateways.dicom_scp`` (settings from ``RADSTREAM_*``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from io import BytesIO
+from typing import Any
+
+from prometheus_client import Counter, Histogram, start_http_server
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from gateways.blobstore import BlobRef, BlobStore, instance_key, is_valid_uid, open_blob_store, rejected_key
+from gateways.publisher import EventPublisher, PublishError
+from radstream import procs
+from schemas.events import InstanceReceived, trace_id_for, utcnow
+from schemas.settings import Settings, SettingsError, load_settings
+from schemas.topics import INSTANCE_RECEIVED
+
+log = logging.getLogger("radstream.gateways.dicom_scp")
+
+STAGE = "dicom-scp"
+#: Refused instances up to this size ride inline in the dead letter; larger ones are
+#: written to the blob store under ``rejected/`` and referenced by URI.
+INLINE_PAYLOAD_MAX = 64 * 1024
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses this gateway answers with (PS3.4 B.2.3, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.1: general failure, an error on our side
+    OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: the sender should retry later
+    DATASET_MISMATCH = 0xA900  # PS3.4 B.2.3 Error: Data Set does not match SOP Class
+    CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3 Error: Cannot understand
+
+
+INSTANCES = Counter(
+    "radstream_dicom_instances", "C-STORE requests answered by the DICOM gateway, by DIMSE status",
+    ["status"],
+)
+STORE_SECONDS = Histogram(
+    "radstream_dicom_store_seconds", "C-STORE handling time: header read, blob write, broker ack",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ASSOCIATIONS = Counter("radstream_dicom_associations", "DICOM associations, by outcome", ["outcome"])
+
+
+class Rejected(Exception):
+    """An instance the gateway refuses, with the status and reason code to report."""
+
+    def __init__(self, status: StoreStatus, reason: str, error: str, offending: Sequence[str] = ()) -> None:
+        super().__init__(error)
+        self.status = status
+        self.reason = reason
+        self.error = error
+        self.offending = tuple(offending)
+
+
+@dataclass
+class _Received:
+    """What is known about one C-STORE so far; failure paths report as much as they can."""
+
+    data: bytes = b""
+    study_uid: str | None = None
+    blob: BlobRef | None = None
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def handle_echo(event: evt.Event) -> int:
+    """EVT_C_ECHO: Verification Service (PS3.4 Annex A) always succeeds while we run."""
+    log.debug("C-ECHO from %s", _calling_ae(event))
+    return StoreStatus.SUCCESS
+
+
+def handle_store(event: evt.Event, store: BlobStore, publisher: EventPublisher) -> Dataset | int:
+    """EVT_C_STORE: validate, store the blob, publish ``InstanceReceived``, then answer.
+
+    Returns the C-STORE response status (PS3.4 B.2.3), as a Dataset carrying an
+    Error Comment (0000,0902) and Offending Element (0000,0901) on failure. Never raises.
+    """
+    started = time.perf_counter()
+    received = _Received()
+    try:
+        status = _store(event, store, publisher, received)
+        answer: Dataset | int = status
+    except Rejected as rejection:
+        status = rejection.status
+        answer = _status_dataset(rejection)
+        broker_down = rejection.reason == "broker_unavailable"
+        log.log(logging.ERROR if broker_down else logging.WARNING,
+                "refused C-STORE from %s: reason=%s status=0x%04X trace_id=%s blob=%s error=%s",
+                _calling_ae(event), rejection.reason, status, _trace(received),
+                received.blob.uri if received.blob else None, rejection.error)
+        if not broker_down:
+            _dead_letter(publisher, store, received, rejection)
+    except Exception as exc:  # a bug of ours: answer, dead-letter, keep serving
+        log.exception("C-STORE from %s failed: trace_id=%s", _calling_ae(event), _trace(received))
+        rejection = Rejected(StoreStatus.PROCESSING_FAILURE, "internal_error", f"{type(exc).__name__}: {exc}")
+        status, answer = rejection.status, _status_dataset(rejection)
+        _dead_letter(publisher, store, received, rejection)
+    INSTANCES.labels(status=f"0x{int(status):04X}").inc()
+    STORE_SECONDS.observe(time.perf_counter() - started)
+    return answer
+
+
+def _store(event: evt.Event, store: BlobStore, publisher: EventPublisher, received: _Received) -> StoreStatus:
+    calling_ae = _calling_ae(event)
+    try:
+        received.data = _encoded_instance(event, calling_ae)
+        header = dcmread(BytesIO(received.data), stop_before_pixels=True)
+    except Exception as exc:
+        raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "undecodable", f"cannot parse the data set: {exc}") from None
+
+    if is_valid_uid(study_uid := _text(header, "StudyInstanceUID")):
+        received.study_uid = study_uid  # so a refusal below is keyed and traced by study
+    study_uid, series_uid, sop_instance_uid = _validated_uids(header, event.request)
+    try:
+        received.blob = store.put(instance_key(study_uid, series_uid, sop_instance_uid), received.data)
+    except Exception as exc:
+        raise Rejected(StoreStatus.OUT_OF_RESOURCES, "blob_store_failed", f"cannot store the instance: {exc}") from None
+
+    instance = instance_received(header, received.blob, event, calling_ae)
+    try:
+        publisher.publish(INSTANCE_RECEIVED, instance)
+    except PublishError as exc:
+        # The broker is the dead-letter channel too: the refusal is only logged, and
+        # the sender retries; its retry overwrites the same blob key.
+        raise Rejected(StoreStatus.OUT_OF_RESOURCES, "broker_unavailable", str(exc)) from None
+    log.info("stored instance trace_id=%s study_uid=%s sop_instance_uid=%s modality=%s calling_ae=%s bytes=%d",
+             instance.trace_id, study_uid, sop_instance_uid, instance.modality, calling_ae, received.blob.size)
+    return StoreStatus.SUCCESS
+
+
+def _validated_uids(header: Dataset, request: Any) -> tuple[str, str, str]:
+    """The study, series and SOP instance UIDs, checked against PS3.5 9.1 and the request."""
+    uids = {}
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = _text(header, keyword)
+        if value is None:
+            raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "missing_uid", f"{keyword} is missing", [keyword])
+        if not is_valid_uid(value):
+            raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "invalid_uid",
+                           f"{keyword} {value!r} is not a valid UID (PS3.5 9.1)", [keyword])
+        uids[keyword] = value
+    # PS3.4 B.2.1.x: the data set must be the instance the request announced.
+    requested_instance = str(getattr(request, "AffectedSOPInstanceUID", "") or "").strip("\0 ")
+    if uids["SOPInstanceUID"] != requested_instance:
+        raise Rejected(StoreStatus.DATASET_MISMATCH, "sop_instance_mismatch",
+                       f"SOPInstanceUID {uids['SOPInstanceUID']} differs from the request's "
+                       f"AffectedSOPInstanceUID {requested_instance}", ["SOPInstanceUID"])
+    requested_class = str(getattr(request, "AffectedSOPClassUID", "") or "").strip("\0 ")
+    if uids["SOPClassUID"] != requested_class:
+        raise Rejected(StoreStatus.DATASET_MISMATCH, "sop_class_mismatch",
+                       f"SOPClassUID {uids['SOPClassUID']} differs from the request's "
+                       f"AffectedSOPClassUID {requested_class}", ["SOPClassUID"])
+    return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+
+
+def instance_received(header: Dataset, blob: BlobRef, event: evt.Event, calling_ae: str) -> InstanceReceived:
+    """The ``InstanceReceived`` event for a validated header and its stored blob."""
+    study_uid = _text(header, "StudyInstanceUID") or ""
+    return InstanceReceived(
+        trace_id=trace_id_for(study_uid),
+        study_uid=study_uid,
+        series_uid=_text(header, "SeriesInstanceUID") or "",
+        sop_instance_uid=_text(header, "SOPInstanceUID") or "",
+        sop_class_uid=_text(header, "SOPClassUID") or "",
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        blob_uri=blob.uri,
+        blob_size=blob.size,
+        blob_sha256=blob.sha256,
+        source_site=calling_ae or "UNKNOWN",
+        gateway=STAGE,
+        received_at=utcnow(),
+        calling_ae=calling_ae,
+        called_ae=_called_ae(event),
+        modality=_text(header, "Modality"),
+        body_part_examined=_text(header, "BodyPartExamined"),
+        accession_number=_text(header, "AccessionNumber"),
+        patient_id=_text(header, "PatientID"),
+        patient_name=_text(header, "PatientName"),
+        patient_birth_date=_text(header, "PatientBirthDate"),
+        patient_sex=_text(header, "PatientSex"),
+        study_date=_text(header, "StudyDate"),
+        study_time=_text(header, "StudyTime"),
+        study_description=_text(header, "StudyDescription"),
+        series_description=_text(header, "SeriesDescription"),
+        institution_name=_text(header, "InstitutionName"),
+        referring_physician=_text(header, "ReferringPhysicianName"),
+        series_number=_int(header, "SeriesNumber"),
+        instance_number=_int(header, "InstanceNumber"),
+        number_of_frames=_int(header, "NumberOfFrames"),
+        rows=_int(header, "Rows"),
+        columns=_int(header, "Columns"),
+        expected_study_instances=_int(header, "NumberOfStudyRelatedInstances"),
+        burned_in_annotation=_text(header, "BurnedInAnnotation"),
+    )
+
+
+def _dead_letter(publisher: EventPublisher, store: BlobStore, received: _Received, rejection: Rejected) -> None:
+    """Publish the refusal; the instance bytes go inline when small, else by claim check."""
+    payload_uri = received.blob.uri if received.blob else None
+    payload = None
+    if payload_uri is None and received.data:
+        if len(received.data) <= INLINE_PAYLOAD_MAX:
+            payload = received.data
+        else:
+            try:
+                payload_uri = store.put(rejected_key(received.data), received.data).uri
+            except Exception as exc:
+                log.error("cannot keep the refused instance (%d bytes, sha256 %s): %s", len(received.data),
+                          hashlib.sha256(received.data).hexdigest(), exc)
+    try:
+        publisher.dead_letter(
+            STAGE, rejection.reason, rejection.error,
+            key=received.study_uid,
+            trace_id=trace_id_for(received.study_uid) if received.study_uid else None,
+            payload=payload, payload_uri=payload_uri,
+        )
+    except Exception as exc:
+        log.error("dead letter not published (reason=%s error=%s payload_uri=%s): %s",
+                  rejection.reason, rejection.error, payload_uri, exc)
+
+
+def _status_dataset(rejection: Rejected) -> Dataset:
+    status = Dataset()
+    status.Status = int(rejection.status)
+    status.ErrorComment = rejection.error[:64]  # LO: at most 64 characters (PS3.5 6.2)
+    if rejection.offending:
+        status.OffendingElement = [Tag(keyword) for keyword in rejection.offending]
+    return status
+
+
+def _encoded_instance(event: evt.Event, calling_ae: str) -> bytes:
+    """The instance as a PS3.10 file: preamble, file meta and the data set as received."""
+    file_meta = event.file_meta
+    if calling_ae:
+        file_meta.SourceApplicationEntityTitle = calling_ae
+    return b"".join((b"\0" * 128, b"DICM", encode_file_meta(file_meta), event.request.DataSet.getvalue()))
+
+
+# ---------------------------------------------------------------- header values
+
+
+def _text(header: Dataset, keyword: str) -> str | None:
+    """A header value as clean text: padding stripped, odd character sets never fatal."""
+    try:
+        value = header.get(keyword)
+    except Exception:  # undecodable under its Specific Character Set: keep the raw bytes
+        value = _raw_value(header, keyword)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, MultiValue):
+            text = "\\".join(str(item) for item in value)
+        elif isinstance(value, bytes):
+            text = value.decode("latin-1", "replace")
+        else:
+            text = str(value)
+    except Exception:
+        text = _raw_text(header, keyword) or ""
+    text = text.strip(" \0")
+    return text or None
+
+
+def _raw_value(header: Dataset, keyword: str) -> bytes | None:
+    try:
+        raw = header.get_item(keyword)
+    except Exception:
+        return None
+    value = getattr(raw, "value", None)
+    return value if isinstance(value, bytes) else None
+
+
+def _raw_text(header: Dataset, keyword: str) -> str | None:
+    raw = _raw_value(header, keyword)
+    return raw.decode("latin-1", "replace") if raw is not None else None
+
+
+def _int(header: Dataset, keyword: str) -> int | None:
+    try:
+        value = header.get(keyword)
+        if isinstance(value, MultiValue):
+            value = value[0] if value else None
+        if value is None or value == "":
+            return None
+        number = int(value)
+    except Exception:  # malformed IS/US values are not worth refusing an instance for
+        return None
+    return number if _INT32[0] <= number <= _INT32[1] else None
+
+
+def _calling_ae(event: evt.Event) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except Exception:
+        return ""
+
+
+def _called_ae(event: evt.Event) -> str:
+    try:
+        return str(event.assoc.requestor.primitive.called_ae_title).strip()
+    except Exception:
+        return ""
+
+
+def _trace(received: _Received) -> str:
+    return trace_id_for(received.study_uid) if received.study_uid else "-"
+
+
+def _on_accepted(event: evt.Event) -> None:
+    ASSOCIATIONS.labels(outcome="accepted").inc()
+    requestor = event.assoc.requestor
+    log.info("association accepted from %s (%s:%s)", _calling_ae(event), requestor.address, requestor.port)
+
+
+def _on_aborted(event: evt.Event) -> None:
+    ASSOCIATIONS.labels(outcome="aborted").inc()
+    log.warning("association with %s aborted", _calling_ae(event))
+
+
+def _on_rejected(event: evt.Event) -> None:
+    ASSOCIATIONS.labels(outcome="rejected").inc()
+    log.warning("association from %s rejected", _calling_ae(event))
+
+
+# ---------------------------------------------------------------- the AE
+
+
+class GatewayAE(AE):
+    """A pynetdicom AE whose servers get the gateway's event handlers bound by default."""
+
+    def __init__(self, ae_title: str, handlers: list[Any]) -> None:
+        super().__init__(ae_title)
+        self.gateway_handlers = handlers
+
+    def start_server(self, address: Any, block: bool = True, ssl_context: Any = None,
+                     evt_handlers: list[Any] | None = None, ae_title: str | None = None,
+                     contexts: Any = None) -> ThreadedAssociationServer | None:
+        handlers = [*self.gateway_handlers, *(evt_handlers or [])]
+        return super().start_server(address, block, ssl_context, handlers, ae_title, contexts)
+
+
+def event_handlers(store: BlobStore, publisher: EventPublisher) -> list[Any]:
+    """The pynetdicom ``evt_handlers`` of the gateway."""
+    return [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [store, publisher]),
+        (evt.EVT_ACCEPTED, _on_accepted),
+        (evt.EVT_ABORTED, _on_aborted),
+        (evt.EVT_REJECTED, _on_rejected),
+    ]
+
+
+def build_ae(settings: Settings, store: BlobStore, publisher: EventPublisher) -> GatewayAE:
+    """The gateway's AE: Verification and every storage SOP class, each with every
+    transfer syntax pynetdicom knows (uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000,
+    HTJ2K, RLE, MPEG/HEVC), since the data set is stored as received and never decoded."""
+    ae = GatewayAE(settings.dicom.ae_title, event_handlers(store, publisher))
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_associations = settings.dicom.max_associations
+    ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from the sender
+    ae.acse_timeout = settings.dicom.acse_timeout_s
+    ae.dimse_timeout = settings.dicom.dimse_timeout_s
+    ae.network_timeout = settings.dicom.network_timeout_s
+    return ae
+
+
+def start_gateway(settings: Settings, store: BlobStore, publisher: EventPublisher) -> ThreadedAssociationServer:
+    """Start the SCP on ``settings.bind_host:settings.dicom.port`` without blocking."""
+    ae = build_ae(settings, store, publisher)
+    server = ae.start_server((settings.bind_host, settings.dicom.port), block=False)
+    assert server is not None
+    return server
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway until SIGTERM or SIGINT; flush the publisher on the way out."""
+    store = open_blob_store(settings)
+    publisher = EventPublisher(settings, client_id=f"{settings.kafka.client_id}-dicom-scp")
+    if settings.metrics.gateway_port:
+        start_http_server(settings.metrics.gateway_port, addr=settings.bind_host)
+    server = start_gateway(settings, store, publisher)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("DICOM gateway %s listening on %s:%d (blobs %s, broker %s, metrics port %s)",
+             settings.dicom.ae_title, settings.bind_host, settings.dicom.port, store,
+             settings.kafka_bootstrap, settings.metrics.gateway_port or "off")
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.shutdown()  # waits for running associations' handlers to return
+        publisher.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("DICOM gateway stopped")
+    return 0
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.log_level != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        procs.require_free(settings.bind_host, settings.dicom.port, "the DICOM gateway")
+        procs.require_free(settings.bind_host, settings.metrics.gateway_port, "the DICOM gateway's metrics")
+    except procs.PortInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
