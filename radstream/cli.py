@@ -1,0 +1,543 @@
+"""The ``radstream`` command line: run the runtime, send studies, look at topics and the worklist.
+
+Settings are loaded lazily by each command (``--help`` works with a broken
+configuration); an invalid setting or a taken port ends the command with a one-line
+error and exit code 2, never a traceback. Heavy imports (Kafka, DICOM, ClickHouse)
+happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import enum
+import io
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from radstream.procs import PortInUseError
+from schemas.settings import Settings, SettingsError, load_settings
+
+
+def _err(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+
+
+# ---------------------------------------------------------------- settings and JSON
+
+
+class _State:
+    def __init__(self) -> None:
+        self.config: Path | None = None
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config)
+        return self._settings
+
+
+def _set_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        ctx.ensure_object(_State).config = value
+    return value
+
+
+def config_option(func: Callable) -> Callable:
+    """``--config FILE`` on the group and on every command (``radstream up --config x.toml``)."""
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="RADSTREAM_CONFIG",
+        callback=_set_config,
+        expose_value=False,
+        is_eager=True,
+        help="TOML settings file (env RADSTREAM_CONFIG).",
+    )(func)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.ensure_object(_State).settings
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def to_json(value: Any, indent: int | None = 2) -> str:
+    return json.dumps(value, default=_json_default, indent=indent, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@config_option
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """radstream: DICOM/HL7 in, a prioritised, routed radiology worklist out."""
+    ctx.ensure_object(_State)
+
+
+@cli.command()
+@config_option
+@click.option("--demo", is_flag=True, help="once ready, send pydicom's sample studies and print the worklist")
+@click.pass_context
+def up(ctx: click.Context, demo: bool) -> int:
+    """Start broker, warehouse, stream worker and DICOM gateway; stop them on Ctrl-C."""
+    from radstream.supervisor import AlreadyRunningError, Supervisor
+    from schemas.telemetry import configure_logging
+
+    settings = _settings(ctx)
+    configure_logging(settings, "supervisor")
+    try:
+        return Supervisor(settings).run(after_ready=(lambda: run_demo(settings)) if demo else None)
+    except AlreadyRunningError as exc:
+        _err(str(exc))
+        return 2
+
+
+#: Real studies shipped with pydicom and pydicom-data: CT, MR, several studies of the
+#: same patients (priors), a chest CR and a head CT.
+DEMO_FILES = ("CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "693_UNCR.dcm")
+DEMO_FOLDERS = ("dicomdirtests",)
+
+
+def demo_paths() -> list[Path]:
+    from pydicom.data import get_testdata_file
+
+    paths = []
+    for name in DEMO_FILES:
+        # download=False: without pydicom-data the default tries the internet for ~21 s.
+        found = get_testdata_file(name, download=False)
+        if found:
+            paths.append(Path(found))
+    ct = get_testdata_file("CT_small.dcm", download=False)
+    if ct:
+        paths += [Path(ct).parent / folder for folder in DEMO_FOLDERS if (Path(ct).parent / folder).is_dir()]
+    return paths
+
+
+def run_demo(settings: Settings) -> None:
+    """``up --demo``: send the sample studies, wait for them on the worklist, print it."""
+    from pydicom import dcmread
+
+    from radstream.send import iter_files, send_files
+    from radstream.supervisor import connect_host
+    from schemas import warehouse
+
+    paths = demo_paths()
+    studies = set()
+    for path, _named in iter_files(paths):
+        try:
+            studies.add(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+        except Exception:  # DICOMDIRs, non-DICOM files: send_files skips them too
+            continue
+    report = send_files(paths, connect_host(settings.bind_host), settings.dicom.port, "DEMO",
+                        settings.dicom.ae_title, progress=False, timeout_s=settings.dicom.network_timeout_s)
+    console = _console()
+    console.print(f"demo: sent {report.sent} instances of {len(studies)} studies, failed {len(report.failed)}",
+                  highlight=False)
+    for failure in report.failed:
+        console.print(f"  failed {failure}", highlight=False)
+    # Studies complete after the quiet period; then routing and the warehouse sink.
+    deadline = time.monotonic() + settings.assembly.quiet_period_s + 60
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        rows = list(warehouse.current_worklist(settings, 1000))
+        if studies <= {row.get("study_uid") for row in rows}:
+            break
+        time.sleep(1)
+    console.print(worklist_table(sort_worklist(rows)))
+    console.print(f"demo: {len(rows)} studies on the worklist; radstream keeps running (Ctrl-C to stop)",
+                  highlight=False)
+
+
+@cli.command()
+@config_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--host", help="gateway host [default: settings.bind_host]")
+@click.option("--port", type=click.IntRange(1, 65535), help="gateway port [default: settings.dicom.port]")
+@click.option("--aet", default="SITE", show_default=True, help="our (calling) AE title")
+@click.option("--aec", help="the gateway's (called) AE title [default: settings.dicom.ae_title]")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.pass_context
+def send(ctx: click.Context, paths: Sequence[Path], host: str | None, port: int | None, aet: str,
+         aec: str | None, no_progress: bool) -> int:
+    """C-STORE every DICOM file under PATHS (files or folders) to the gateway."""
+    from rich.console import Console
+
+    from radstream.send import send_files
+    from radstream.supervisor import connect_host
+
+    settings = _settings(ctx)
+    host = host or connect_host(settings.bind_host)
+    port = port or settings.dicom.port
+    aec = aec or settings.dicom.ae_title
+    report = send_files(paths, host, port, aet, aec, progress=not no_progress,
+                        timeout_s=settings.dicom.network_timeout_s)
+    console = Console(soft_wrap=True)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning[/] {warning}", markup=True, highlight=False)
+    for failure in report.failed:
+        console.print(f"[red]failed[/]  {failure}", markup=True, highlight=False)
+    skipped = f", skipped {report.skipped_non_dicom} non-DICOM files" if report.skipped_non_dicom else ""
+    if report.skipped_dicomdir:
+        skipped += f", skipped {report.skipped_dicomdir} DICOMDIR files"
+    console.print(
+        f"sent {report.sent}, failed {len(report.failed)}{skipped} to {aec}@{host}:{port} "
+        f"in {report.elapsed_s:.1f}s over {report.associations} association(s)",
+        highlight=False,
+    )
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------- warehouse
+
+
+def sort_worklist(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reading order: CRITICAL, URGENT, ROUTINE, then oldest received first."""
+    from schemas.events import Priority
+
+    def key(row: dict[str, Any]) -> tuple[int, str]:
+        received = row.get("received_at")
+        received_key = received.isoformat() if isinstance(received, datetime) else str(received or "")
+        try:
+            rank = Priority(str(row.get("priority") or "").upper()).rank
+        except ValueError:  # unknown priority: after every known one
+            rank = len(Priority)
+        return rank, received_key
+
+    return sorted(rows, key=key)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return str(value)
+
+
+#: (key, title) of the table; ``--json`` has every field.
+WORKLIST_COLUMNS = (
+    ("priority", "priority"), ("received_at", "received"), ("accession_number", "accession"),
+    ("modality", "mod"), ("body_part", "body part"), ("study_description", "description"),
+    ("subspecialty", "subspecialty"), ("source_site", "site"), ("instance_count", "inst"),
+    ("status", "status"), ("study_uid", "study"), ("reasons", "reasons"),
+)
+
+
+def worklist_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    colours = {"CRITICAL": "bold red", "URGENT": "yellow"}
+    table = Table(title=f"worklist: {len(rows)} studies")
+    for key, title in WORKLIST_COLUMNS:
+        table.add_column(title, overflow="fold", no_wrap=key in ("priority", "received_at"),
+                         justify="right" if key == "instance_count" else "left")
+    for row in rows:
+        cells = {k: _cell(row.get(k)) for k, _ in WORKLIST_COLUMNS}
+        if row.get("version") and row["version"] != 1:
+            cells["study_uid"] += f" v{row['version']}"
+        style = colours.get(str(row.get("priority") or "").upper())
+        table.add_row(*(cells[k] for k, _ in WORKLIST_COLUMNS), style=style)
+    return table
+
+
+def _console() -> Any:
+    """Rich console on stdout; piped output gets a wide page instead of 80 columns."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@click.pass_context
+def worklist(ctx: click.Context, as_json: bool, limit: int) -> int:
+    """The current worklist (latest version of each study), in reading order."""
+    from schemas import warehouse
+
+    settings = _settings(ctx)
+    try:
+        rows = sort_worklist(list(warehouse.current_worklist(settings, limit)))
+    except Exception as exc:
+        return _warehouse_error(settings, exc)
+    if as_json:
+        click.echo(to_json(rows))
+    else:
+        _console().print(worklist_table(rows))
+    return 0
+
+
+def _warehouse_error(settings: Settings, exc: Exception) -> int:
+    message = str(exc).strip() or type(exc).__name__
+    _err(f"warehouse {settings.warehouse_url}: {message}")
+    return 1
+
+
+_RESULT_PREFIXES = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "(")
+
+
+@cli.command()
+@config_option
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.pass_context
+def query(ctx: click.Context, sql: str, fmt: str) -> int:
+    """Run SQL against the warehouse and print the result."""
+    from schemas import warehouse
+
+    settings = _settings(ctx)
+    try:
+        client = warehouse.connect(settings)
+        if sql.lstrip().upper().startswith(_RESULT_PREFIXES):
+            result = client.query(sql)
+            columns, rows = list(result.column_names), [list(r) for r in result.result_rows]
+        else:
+            summary = client.command(sql)
+            click.echo(_cell(summary) if summary not in (None, "") else "ok")
+            return 0
+    except Exception as exc:
+        return _warehouse_error(settings, exc)
+    if fmt == "table":
+        _console().print(rows_table(columns, rows))
+    else:
+        click.echo(format_rows(columns, rows, fmt))
+    return 0
+
+
+def format_rows(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> str:
+    """``json``: a list of objects; ``csv``: a header line, then one line per row."""
+    if fmt == "json":
+        return to_json([dict(zip(columns, row, strict=True)) for row in rows])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[_cell(v) for v in row] for row in rows])
+    return buf.getvalue().rstrip("\n")
+
+
+def rows_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(*columns, caption=f"{len(rows)} rows")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+# ---------------------------------------------------------------- topics
+
+
+@cli.group()
+@config_option
+def topics() -> None:
+    """Look at the Kafka topics."""
+
+
+def _admin(settings: Settings) -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "client.id": settings.kafka.client_id,
+                        "log_level": 3})
+
+
+def _consumer(settings: Settings) -> Any:
+    from confluent_kafka import Consumer
+
+    session_ms = int(settings.kafka.session_timeout_s * 1000)
+    return Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "client.id": f"{settings.kafka.client_id}-cli",
+        # assign() below needs no group join; the id is only required by the client.
+        "group.id": f"{settings.kafka.topic_prefix}.cli",
+        "enable.auto.commit": False,
+        "session.timeout.ms": session_ms,
+        "heartbeat.interval.ms": min(int(settings.kafka.heartbeat_interval_s * 1000), session_ms // 3),
+        "enable.partition.eof": True,
+        "log_level": 3,
+    })
+
+
+def _metadata(settings: Settings, timeout_s: float) -> Any:
+    from confluent_kafka import KafkaException
+
+    try:
+        return _admin(settings).list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise click.ClickException(f"broker {settings.kafka_bootstrap} did not answer: {exc.args[0]}") from None
+
+
+@topics.command("list")
+@config_option
+@click.option("--all", "show_all", is_flag=True, help="also topics that are not radstream's")
+@click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True)
+@click.pass_context
+def topics_list(ctx: click.Context, show_all: bool, timeout_s: float) -> int:
+    """Topics with partition and message counts (sum of high watermarks)."""
+    from confluent_kafka import TopicPartition
+    from rich.table import Table
+
+    from schemas.topics import ALL_TOPICS
+
+    settings = _settings(ctx)
+    metadata = _metadata(settings, timeout_s)
+    prefix = settings.kafka.topic_prefix + "."
+    names = sorted(n for n in metadata.topics if show_all or n.startswith(prefix))
+    partitions = [TopicPartition(n, pid) for n in names for pid in sorted(metadata.topics[n].partitions)]
+    consumer = _consumer(settings)
+    try:
+        ends = high_watermarks(consumer, partitions, timeout_s)
+    finally:
+        consumer.close()
+    table = Table("topic", "partitions", "messages")
+    for name in names:
+        total = sum(end for (topic, _pid), end in ends.items() if topic == name)
+        table.add_row(name, str(len(metadata.topics[name].partitions)), str(total))
+    console = _console()
+    console.print(table)
+    missing = [spec.name(settings) for spec in ALL_TOPICS if spec.name(settings) not in metadata.topics]
+    if missing:
+        console.print(f"missing: {', '.join(missing)} (radstream up creates them)", highlight=False)
+    return 0
+
+
+def high_watermarks(consumer: Any, partitions: Sequence[Any], timeout_s: float) -> dict[tuple[str, int], int]:
+    """End offset of every partition.
+
+    Tansu 0.6 answers ListOffsets(latest) with the *base* offset of the last record
+    batch + 1, so a batch of 3 reads as 1 message. Fetch responses carry the true high
+    watermark: read each non-empty partition from its reported end - 1 to end-of-partition.
+    """
+    from confluent_kafka import KafkaError, TopicPartition
+
+    ends: dict[tuple[str, int], int] = {}
+    lows: dict[tuple[str, int], int] = {}
+    for tp in partitions:
+        low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
+        lows[(tp.topic, tp.partition)], ends[(tp.topic, tp.partition)] = max(low, 0), max(high, 0)
+    pending = {key for key, high in ends.items() if high > lows[key]}
+    if not pending:
+        return ends
+    consumer.assign([TopicPartition(t, p, max(lows[(t, p)], ends[(t, p)] - 1)) for t, p in sorted(pending)])
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is None:
+            continue
+        key = (msg.topic(), msg.partition())
+        if msg.error() is None:
+            ends[key] = max(ends[key], msg.offset() + 1)
+        elif msg.error().code() == KafkaError._PARTITION_EOF:
+            ends[key] = max(ends[key], msg.offset())
+            pending.discard(key)
+    consumer.unassign()
+    return ends
+
+
+def resolve_topic(settings: Settings, existing: Sequence[str], topic: str) -> str:
+    """A full topic name, or the suffix of a radstream topic (``instance.received``)."""
+    for candidate in (topic, settings.topic(topic)):
+        if candidate in existing:
+            return candidate
+    raise click.ClickException(f"no topic {topic!r} (nor {settings.topic(topic)!r}) on {settings.kafka_bootstrap}")
+
+
+@topics.command("tail")
+@config_option
+@click.argument("topic")
+@click.option("--decode", is_flag=True, help="decode each event with the radstream Avro codec, print it as JSON")
+@click.option("--from-beginning", is_flag=True, help="start at the oldest message instead of new ones only")
+@click.option("--max", "max_messages", type=click.IntRange(1), help="stop after N messages")
+@click.option("--timeout", "timeout_s", type=float, help="stop when no message came for S seconds")
+@click.pass_context
+def topics_tail(ctx: click.Context, topic: str, decode: bool, from_beginning: bool,
+                max_messages: int | None, timeout_s: float | None) -> int:
+    """Print messages of TOPIC: partition, offset, key (and the decoded event)."""
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
+
+    from schemas.codec import Codec, DecodeError
+
+    settings = _settings(ctx)
+    metadata = _metadata(settings, 10.0)
+    name = resolve_topic(settings, list(metadata.topics), topic)
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    consumer = _consumer(settings)
+    consumer.assign([TopicPartition(name, pid, start) for pid in sorted(metadata.topics[name].partitions)])
+    codec = Codec(settings.kafka.schema_registry_url) if decode else None
+    seen = 0
+    last = time.monotonic()
+    try:
+        while max_messages is None or seen < max_messages:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                if timeout_s is not None and time.monotonic() - last >= timeout_s:
+                    break
+                continue
+            if msg.error():
+                if msg.error().code() != KafkaError._PARTITION_EOF:
+                    _err(f"{name}: {msg.error()}")
+                continue
+            last = time.monotonic()
+            seen += 1
+            key = msg.key().decode("utf-8", "replace") if msg.key() is not None else None
+            size = len(msg.value() or b"")
+            click.echo(f"{name} partition={msg.partition()} offset={msg.offset()} key={key} ({size} bytes)")
+            if codec is not None:
+                try:
+                    event = codec.decode(msg.value())
+                except DecodeError as exc:
+                    click.echo(f"  undecodable: {exc}")
+                else:
+                    click.echo(to_json({"type": type(event).__name__, **dataclasses.asdict(event)}))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``radstream``: clean one-line errors, exit codes 0/1/2."""
+    try:
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name="radstream",
+                        standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        _err("aborted")
+        sys.exit(1)
+    except (SettingsError, PortInUseError) as exc:
+        _err(str(exc))
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

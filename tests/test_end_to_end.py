@@ -1,0 +1,148 @@
+"""A real DICOM study in, a prioritised worklist row out.
+
+``radstream up`` runs for real (Tansu broker, chDB warehouse endpoint, Faust worker,
+DICOM gateway, all as child processes); dcmtk's ``storescu`` plays the modality and
+sends DICOM files that nobody here wrote (pydicom's test files and pydicom-data's chest
+CR and head CT); the test then reads the worklist and stage events from the warehouse
+through clickhouse-connect, exactly as an analyst would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from radstream import procs
+from schemas.settings import Settings
+from schemas.warehouse import current_worklist, query_rows
+
+pytestmark = pytest.mark.integration
+
+STORESCU = "/usr/bin/storescu"
+
+#: real files: two CTs and a chest CR, each in a study of its own
+FILES = ["CT_small.dcm", "693_UNCR.dcm", "RG1_UNCR.dcm"]
+
+RULES = """
+[defaults]
+priority = "ROUTINE"
+subspecialty = "general"
+
+[[subspecialty]]
+id = "chest-radiography"
+when = { modality = ["CR", "DX"], body_part = ["CHEST"] }
+subspecialty = "thoracic"
+
+[[priority]]
+id = "chest-cr-urgent"
+description = "site policy in this test: chest radiographs are read urgently"
+when = { modality = ["CR"], body_part = ["CHEST"] }
+priority = "URGENT"
+"""
+
+
+def real_file(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    assert path, f"{name} is not installed (pydicom / pydicom-data)"
+    return Path(path)
+
+
+@pytest.fixture
+def runtime(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, subprocess.Popen]]:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES)
+    env = {**os.environ, **settings.to_env(), "RADSTREAM_ROUTING_RULES_FILE": str(rules)}
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen([sys.executable, "-m", "radstream", "up"], env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "radstream is ready" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, f"radstream up exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "not ready after 120 s:\n" + log.read_text()[-4000:]
+            time.sleep(0.25)
+        yield settings, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def storescu(settings: Settings, paths: list[Path], calling_ae: str = "SITE_A") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [STORESCU, "-aet", calling_ae, "-aec", settings.dicom.ae_title, "-xs",
+         settings.bind_host, str(settings.dicom.port), *map(str, paths)],
+        env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=120,
+    )
+
+
+def wait_for_worklist(settings: Settings, studies: int, timeout_s: float = 90) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    rows: list[dict] = []
+    while time.monotonic() < deadline:
+        rows = current_worklist(settings)
+        if len(rows) >= studies:
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"worklist has {len(rows)} of {studies} studies after {timeout_s}s: {rows}")
+
+
+@pytest.mark.skipif(not shutil.which(STORESCU), reason="dcmtk is installed by scripts/bootstrap.sh")
+def test_real_studies_sent_by_storescu_become_one_prioritised_row_each(runtime, tmp_path: Path) -> None:
+    settings, _ = runtime
+    paths = [real_file(name) for name in FILES]
+    expected = {}
+    for path in paths:
+        header = dcmread(path, stop_before_pixels=True)
+        expected[header.StudyInstanceUID] = header.Modality
+    assert len(expected) == len(FILES), "the chosen files must be three different studies"
+
+    sent = storescu(settings, paths)
+    assert sent.returncode == 0, sent.stderr
+
+    rows = wait_for_worklist(settings, len(expected))
+    by_study = {row["study_uid"]: row for row in rows}
+    assert set(by_study) == set(expected)
+    for study_uid, modality in expected.items():
+        row = by_study[study_uid]
+        assert row["modality"] == modality
+        assert row["version"] == 1 and row["instance_count"] == 1 and row["source_site"] == "SITE_A"
+        assert row["received_at"] <= row["assembled_at"] <= row["routed_at"]
+    chest = next(r for r in rows if r["modality"] == "CR")
+    assert (chest["priority"], chest["subspecialty"]) == ("URGENT", "thoracic")
+    assert any("chest-cr-urgent" in reason for reason in chest["reasons"])
+    assert {r["priority"] for r in rows if r["modality"] == "CT"} == {"ROUTINE"}
+    assert rows[0]["priority"] == "URGENT", "the worklist lists the most urgent study first"
+
+    for study_uid in expected:
+        stages = query_rows(settings, "stage_events_for_study", study_uid=study_uid)
+        assert [s["stage"] for s in stages] == ["received", "assembled", "routed"]
+        assert all(s["started_at"] <= s["finished_at"] for s in stages)
+        assert stages[0]["trace_id"] == stages[-1]["trace_id"] == by_study[study_uid]["trace_id"]
+
+    # Resending the same study changes nothing: one row per study, still version 1.
+    assert storescu(settings, paths[:1]).returncode == 0
+    time.sleep(settings.assembly.quiet_period_s + 2)
+    again = {r["study_uid"]: r for r in current_worklist(settings)}
+    assert set(again) == set(expected)
+    assert {row["version"] for row in again.values()} == {1}
+
+    # The CLI shows the same worklist.
+    cli = subprocess.run([sys.executable, "-m", "radstream", "worklist", "--json"], capture_output=True, text=True,
+                         env={**os.environ, **settings.to_env()}, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert all(uid in cli.stdout for uid in expected)
