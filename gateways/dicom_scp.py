@@ -42,10 +42,12 @@ from gateways.blobstore import BlobRef, BlobStore, instance_key, is_valid_uid, o
 from gateways.publisher import EventPublisher, PublishError
 from radstream import procs
 from schemas.events import InstanceReceived, trace_id_for, utcnow
+from schemas.telemetry import configure_logging, get_logger
 from schemas.settings import Settings, SettingsError, load_settings
 from schemas.topics import INSTANCE_RECEIVED
 
 log = logging.getLogger("radstream.gateways.dicom_scp")
+slog = get_logger("radstream.gateways.dicom_scp")  # structured: fields, not formatted text
 
 STAGE = "dicom-scp"
 #: Refused instances up to this size ride inline in the dead letter; larger ones are
@@ -119,10 +121,9 @@ def handle_store(event: evt.Event, store: BlobStore, publisher: EventPublisher) 
         status = rejection.status
         answer = _status_dataset(rejection)
         broker_down = rejection.reason == "broker_unavailable"
-        log.log(logging.ERROR if broker_down else logging.WARNING,
-                "refused C-STORE from %s: reason=%s status=0x%04X trace_id=%s blob=%s error=%s",
-                _calling_ae(event), rejection.reason, status, _trace(received),
-                received.blob.uri if received.blob else None, rejection.error)
+        (slog.error if broker_down else slog.warning)(
+            "refused C-STORE", calling_ae=_calling_ae(event), reason=rejection.reason, status=f"0x{status:04X}",
+            trace_id=_trace(received), blob=received.blob.uri if received.blob else None, error=rejection.error)
         if not broker_down:
             _dead_letter(publisher, store, received, rejection)
     except Exception as exc:  # a bug of ours: answer, dead-letter, keep serving
@@ -158,8 +159,8 @@ def _store(event: evt.Event, store: BlobStore, publisher: EventPublisher, receiv
         # The broker is the dead-letter channel too: the refusal is only logged, and
         # the sender retries; its retry overwrites the same blob key.
         raise Rejected(StoreStatus.OUT_OF_RESOURCES, "broker_unavailable", str(exc)) from None
-    log.info("stored instance trace_id=%s study_uid=%s sop_instance_uid=%s modality=%s calling_ae=%s bytes=%d",
-             instance.trace_id, study_uid, sop_instance_uid, instance.modality, calling_ae, received.blob.size)
+    slog.info("stored instance", trace_id=instance.trace_id, study_uid=study_uid, sop_instance_uid=sop_instance_uid,
+              modality=instance.modality, calling_ae=calling_ae, bytes=received.blob.size)
     return StoreStatus.SUCCESS
 
 
@@ -443,8 +444,7 @@ def main() -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings, "dicom-gateway")
     if settings.log_level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:

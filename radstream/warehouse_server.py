@@ -641,8 +641,9 @@ def main() -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from schemas.telemetry import configure_logging
+
+    configure_logging(settings, "warehouse")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         serve(settings)
