@@ -55,6 +55,9 @@ class KafkaSettings(_Group):
         None, description="Confluent schema registry; unset means Avro single-object encoding"
     )
     client_id: str = "radstream"
+    verify_end_offsets: bool = Field(
+        True, description="read the last batch to find exact changelog ends (Tansu misreports them)"
+    )
 
 
 class WarehouseSettings(_Group):

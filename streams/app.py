@@ -13,7 +13,7 @@ import faust
 
 from schemas.codec import Codec
 from schemas.settings import Settings
-from streams import assemble, route, sink
+from streams import assemble, offsets_compat, route, sink
 from streams.context import StreamContext
 
 #: stages in pipeline order; de-identification, inference and priors slot in between
@@ -41,6 +41,8 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamContext]:
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
     )
+    if settings.kafka.verify_end_offsets:
+        offsets_compat.install(settings.kafka_bootstrap)
     ctx = StreamContext(app=app, settings=settings, codec=Codec(settings.kafka.schema_registry_url))
     for stage in STAGES:
         stage.register(ctx)

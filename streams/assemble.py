@@ -167,11 +167,13 @@ def decide(progress: StudyProgress, now: datetime, quiet_period: timedelta, rete
 
 
 def assemble(progress: StudyProgress, instances: list[StoredInstance], now: datetime) -> tuple[StudyProgress, StudyAssembled]:
-    """Build the next version of the study from every instance it has."""
+    """Build the next version of the study from every instance it has.
+
+    The stored instances are the truth about membership: if the progress count
+    disagrees (it cannot, unless a changelog was cut short), the count is corrected.
+    """
     if len(instances) != progress.instance_count:
-        raise ValueError(
-            f"study {progress.study_uid}: state counts {progress.instance_count} instances but {len(instances)} are stored"
-        )
+        progress = replace(progress, instance_count=len(instances))
     ordered = sorted(instances, key=lambda i: (i.series_number or 0, i.series_uid, i.instance_number or 0, i.sop_instance_uid))
     series: dict[str, list[StoredInstance]] = {}
     for inst in ordered:
@@ -234,8 +236,10 @@ def register(ctx) -> None:
     quiet = timedelta(seconds=settings.assembly.quiet_period_s)
     retention = timedelta(hours=settings.assembly.retention_h)
     partitions = settings.kafka.partitions
-    studies = app.Table("assembly-studies", partitions=partitions, key_type=str, value_type=dict)
-    instances = app.Table("assembly-instances", partitions=partitions, key_type=str, value_type=dict)
+    # keys are strings, values JSON dicts (StudyProgress / StoredInstance .to_dict()); a
+    # Faust model type here would make recovery call .from_data on plain dicts
+    studies = app.Table("assembly-studies", partitions=partitions)
+    instances = app.Table("assembly-instances", partitions=partitions)
     # study_uid -> SOP UIDs stored; a cache over `instances`, rebuilt from it when stale
     index: dict[str, set[str]] = {}
     # study_uid -> (state marker, when asked): the clock asks once per state change
@@ -305,15 +309,21 @@ def register(ctx) -> None:
                 await ctx.dead_letter("assemble", "undecodable", str(exc), event)
                 continue
             now = utcnow()
-            with STAGE_SECONDS.labels("assemble").time():
-                if isinstance(decoded, InstanceReceived):
-                    await on_instance(decoded, now)
-                elif isinstance(decoded, AssemblyTimer):
-                    await on_tick(decoded, now)
-                else:
-                    await ctx.dead_letter("assemble", "unexpected_event",
-                                          f"{type(decoded).__name__} does not belong on {event.message.topic}", event)
-                    continue
+            try:
+                with STAGE_SECONDS.labels("assemble").time():
+                    if isinstance(decoded, InstanceReceived):
+                        await on_instance(decoded, now)
+                    elif isinstance(decoded, AssemblyTimer):
+                        await on_tick(decoded, now)
+                    else:
+                        await ctx.dead_letter("assemble", "unexpected_event",
+                                              f"{type(decoded).__name__} does not belong on {event.message.topic}", event)
+                        continue
+            except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
+                log.exception("assembly failed", study_uid=getattr(decoded, "study_uid", None))
+                await ctx.dead_letter("assemble", "stage_error", f"{type(exc).__name__}: {exc}", event,
+                                      trace_id=getattr(decoded, "trace_id", None))
+                continue
             STAGE_EVENTS.labels("assemble", "ok").inc()
 
     @app.timer(interval=settings.assembly.scan_interval_s, name="assembly-clock")

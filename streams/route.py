@@ -203,8 +203,14 @@ def register(ctx) -> None:
             except DecodeError as exc:
                 await ctx.dead_letter("route", "undecodable", str(exc), event)
                 continue
-            with STAGE_SECONDS.labels("route").time():
-                decision, worklist = route(study, rules, utcnow())
+            try:
+                with STAGE_SECONDS.labels("route").time():
+                    decision, worklist = route(study, rules, utcnow())
+            except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
+                log.exception("routing failed", trace_id=study.trace_id)
+                await ctx.dead_letter("route", "stage_error", f"{type(exc).__name__}: {exc}", event,
+                                      trace_id=study.trace_id)
+                continue
             await ctx.send(ROUTING_DECISION, decision)
             await ctx.send(WORKLIST_UPDATE, worklist)
             STAGE_EVENTS.labels("route", "ok").inc()

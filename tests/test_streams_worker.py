@@ -23,19 +23,25 @@ from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, STUDY_ASSEMBLED, WORK
 pytestmark = pytest.mark.integration
 
 
+def start_worker(settings: Settings, log: Path):
+    """Start ``python -m streams worker`` and wait until its group has its partitions."""
+    env = {**os.environ, **settings.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+           "RADSTREAM_WAREHOUSE_URL": f"http://127.0.0.1:{procs.free_port()}"}
+    ready = Path(settings.data_dir).resolve() / "run" / "worker.ready"
+    ready.unlink(missing_ok=True)
+    proc = procs.spawn(procs.python_module("streams", "worker"), env=env, log_path=log)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "worker not ready in 60 s:\n" + log.read_text()[-3000:]
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.fixture
 def worker(broker: Settings, tmp_path: Path) -> Iterator[Settings]:
-    env = {**os.environ, **broker.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": broker.kafka_bootstrap,
-           "RADSTREAM_WAREHOUSE_URL": f"http://127.0.0.1:{procs.free_port()}"}
-    ready = Path(broker.data_dir).resolve() / "run" / "worker.ready"
-    log = tmp_path / "worker.log"
-    proc = procs.spawn(procs.python_module("streams", "worker"), env=env, log_path=log)
+    proc = start_worker(broker, tmp_path / "worker.log")
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "worker not ready in 60 s:\n" + log.read_text()[-3000:]
-            time.sleep(0.2)
         yield broker
     finally:
         procs.stop(proc, grace_s=5)
@@ -108,3 +114,25 @@ def test_garbage_on_the_instance_topic_is_dead_lettered_and_the_worker_lives_on(
     assert letters[0].payload == b"not avro at all" and letters[0].source_topic == INSTANCE_RECEIVED.name(worker)
     produce(worker, [instance("1.7.1", "1.7.1.1", expected=1)])
     assert consume(worker, STUDY_ASSEMBLED, 1)[0].study_uid == "1.7.1"
+
+
+def test_open_study_survives_a_worker_crash_and_is_assembled_once_after_restart(broker: Settings, tmp_path: Path) -> None:
+    """The quiet-period state is in a Faust table with a changelog: SIGKILL loses nothing."""
+    import signal
+
+    settings = broker.model_copy(update={"assembly": broker.assembly.model_copy(update={"quiet_period_s": 8.0})})
+    first = start_worker(settings, tmp_path / "worker-1.log")
+    try:
+        produce(settings, [instance("1.6.1", "1.6.1.1"), instance("1.6.1", "1.6.1.2")])
+        # let the worker take both instances into its tables (and their changelogs)
+        time.sleep(3)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+    assert consume(settings, STUDY_ASSEMBLED, 1, timeout_s=3) == [], "assembled before the quiet period ended"
+    second = start_worker(settings, tmp_path / "worker-2.log")
+    try:
+        studies = consume(settings, STUDY_ASSEMBLED, 2, timeout_s=30)
+    finally:
+        procs.stop(second, grace_s=5)
+    assert [(s.study_uid, s.version, s.instance_count) for s in studies] == [("1.6.1", 1, 2)]
