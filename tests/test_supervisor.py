@@ -318,12 +318,7 @@ def test_a_child_that_never_gets_ready_fails_start_with_its_log(settings: Settin
 
 # ---------------------------------------------------------------- the real runtime
 
-_COMPONENTS = ("streams/__main__.py", "gateways/dicom_scp.py", "radstream/warehouse_server.py")
-
-
 @pytest.mark.integration
-@pytest.mark.skipif(not all((REPO / p).exists() for p in _COMPONENTS),
-                    reason="waiting for the worker, gateway and warehouse modules")
 def test_radstream_up_runs_the_whole_runtime_and_stops_clean(settings: Settings, env: dict[str, str],
                                                              tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
@@ -353,5 +348,24 @@ def test_radstream_up_runs_the_whole_runtime_and_stops_clean(settings: Settings,
         _assert_nothing_left(pids, ports, str(tmp_path), timeout_s=5)
         assert not (settings.data_dir / "run" / "up.json").exists()
         assert not (settings.data_dir / "run" / "worker.ready").exists()
+    finally:
+        run.kill()
+
+
+@pytest.mark.integration
+def test_sigkill_of_the_whole_runtime_leaves_no_process_or_port(settings: Settings, env: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    """SIGKILL gives the supervisor no chance to clean up: the children's parent-death
+    signal must take broker, warehouse, worker and gateway down on their own."""
+    run = Run([sys.executable, "-m", "radstream", "up"], env, tmp_path, tmp_path)
+    try:
+        run.wait_ready(timeout_s=120)
+        pids = [child["pid"] for child in _up_json(settings)["children"].values()]
+        assert len(pids) == 4
+        run.proc.send_signal(signal.SIGKILL)
+        run.proc.wait(timeout=10)
+        ports = [settings.kafka.embedded_port, settings.warehouse.embedded_port, settings.dicom.port,
+                 settings.worker.web_port]
+        _assert_nothing_left(pids, ports, str(tmp_path), timeout_s=15)
     finally:
         run.kill()
