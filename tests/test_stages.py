@@ -118,6 +118,17 @@ def test_routing_head_ct_with_stroke_description_is_urgent_neuro() -> None:
     assert row.priority is Priority.URGENT and row.modality == "CT" and row.received_at == T0
 
 
+@pytest.mark.parametrize("modality, body_part, description, subspecialty", [
+    ("CR", "CSPINE", "XR C Spine Comp Min 4 Views", "msk"),
+    ("MR", None, "Carotids", "neuroradiology"),
+    ("CR", "CHEST", "THORAX", "thoracic"),
+    ("US", None, None, "ultrasound"),
+])
+def test_default_rules_pick_the_subspecialty(modality, body_part, description, subspecialty) -> None:
+    study = _assembled(modality=modality, body_part_examined=body_part, study_description=description)
+    assert route(study, load_rules(), T0)[0].subspecialty == subspecialty
+
+
 def test_routing_without_a_match_uses_defaults_and_says_so() -> None:
     decision, _ = route(_assembled(modality="OT"), load_rules(), T0)
     assert (decision.priority, decision.subspecialty) == (Priority.ROUTINE, "general")
