@@ -38,7 +38,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateways.blobstore import BlobRef, BlobStore, instance_key, is_valid_uid, open_blob_store, rejected_key
+from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, open_blob_store, rejected_key
 from gateways.publisher import EventPublisher, PublishError
 from radstream import procs
 from schemas.events import InstanceReceived, trace_id_for, utcnow

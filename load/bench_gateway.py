@@ -30,7 +30,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateways.blobstore import LocalBlobStore
+from schemas.blobs import LocalBlobStore
 from gateways.dicom_scp import start_gateway
 from gateways.publisher import EventPublisher
 from radstream import procs

@@ -27,7 +27,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from gateways.blobstore import (
+from schemas.blobs import (
     BlobNotFound,
     InvalidBlobKey,
     LocalBlobStore,
