@@ -589,7 +589,18 @@ def broker_spec(settings: Settings) -> ChildSpec:
             summary=f"{settings.kafka_bootstrap}  (external Kafka)",
         )
     host, port, storage = settings.bind_host, settings.kafka.embedded_port, settings.kafka.storage
-    durable = "no" if storage.startswith("memory:") else "yes"
+    durable = "no, topics are lost when it stops" if storage.startswith("memory:") else "yes"
+    storage_env: dict[str, str] = {}
+    if storage.startswith("s3://"):
+        if settings.blobs.backend != "s3":
+            raise SupervisorError(
+                f"kafka.storage {storage} keeps the broker's log on the object store, but blobs.backend is "
+                f"{settings.blobs.backend!r}: set RADSTREAM_KAFKA_STORAGE=memory://tansu/ or use the S3 backend"
+            )
+        from radstream.objectstore import tansu_env
+        from schemas.blobs_s3 import load_credentials
+
+        storage_env = tansu_env(settings, load_credentials(settings))
 
     def launch(env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
         return procs.start_tansu(host, port, storage, log_path=log_path, env=env)
@@ -599,6 +610,7 @@ def broker_spec(settings: Settings) -> ChildSpec:
         launch=launch,
         ready=port_ready(host, port),
         on_ready=create_topics,
+        env=storage_env,
         ports=[PortClaim(port, "RADSTREAM_KAFKA_EMBEDDED_PORT", "the embedded Kafka broker (tansu)", host)],
         summary=f"{settings.kafka_bootstrap}  (embedded tansu, storage {storage}, durable: {durable})",
     )
@@ -659,9 +671,60 @@ def dicom_gateway_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def objectstore_spec(settings: Settings) -> ChildSpec | None:
+    """The embedded SeaweedFS, or a readiness check of ``blobs.s3_endpoint``; None with
+    the local (test-only) blob backend."""
+    if settings.blobs.backend != "s3":
+        return None
+    from radstream import objectstore
+    from schemas.blobs_s3 import S3BlobStore, ensure_embedded_credentials, load_credentials, open_s3_store
+
+    def ensure_buckets() -> bool:
+        store = open_s3_store(settings)
+        store.ensure_bucket()
+        for bucket in objectstore.buckets(settings)[1:]:
+            S3BlobStore(endpoint=settings.s3_endpoint, bucket=bucket, credentials=load_credentials(settings),
+                        region=settings.blobs.s3_region, verify=settings.blobs.s3_verify_tls).ensure_bucket()
+        return True
+
+    if not settings.embedded_objectstore:
+        return ChildSpec(
+            name="objectstore", ready=ensure_buckets,
+            summary=f"{settings.s3_endpoint}  (external S3, bucket {settings.blobs.bucket})",
+        )
+    credentials = ensure_embedded_credentials(settings)
+    host = settings.bind_host
+    claims = [
+        PortClaim(port, "RADSTREAM_SEAWEEDFS_S3_PORT" if flag == "s3.port" else "RADSTREAM_SEAWEEDFS_PORT_BASE",
+                  f"the embedded object store (SeaweedFS {flag})", host)
+        for flag, port in objectstore.ports(settings).items()
+    ]
+    return ChildSpec(
+        name="objectstore",
+        argv=objectstore.argv(settings),
+        env=objectstore.env(credentials),
+        ready=ensure_buckets,
+        ports=claims,
+        summary=f"{settings.s3_endpoint}  (embedded SeaweedFS, bucket {settings.blobs.bucket}, "
+                f"credentials {credentials_file(settings)})",
+    )
+
+
+def credentials_file(settings: Settings) -> Path:
+    from schemas.blobs_s3 import credentials_path
+
+    return credentials_path(settings)
+
+
 def default_specs(settings: Settings) -> list[ChildSpec]:
-    """The radstream runtime, in start order."""
-    return [broker_spec(settings), warehouse_spec(settings), worker_spec(settings), dicom_gateway_spec(settings)]
+    """The radstream runtime, in start order: object store, broker (its log may live on
+    the object store), warehouse, workers, and the gateways last, so that they listen only
+    once they can publish."""
+    store = objectstore_spec(settings)
+    return [
+        *([store] if store else []),
+        broker_spec(settings), warehouse_spec(settings), worker_spec(settings), dicom_gateway_spec(settings),
+    ]
 
 
 def run_up(settings: Settings, specs: Sequence[ChildSpec] | None = None) -> int:

@@ -139,6 +139,9 @@ class LocalBlobStore:
             raise InvalidBlobKey(f"blob key {key!r} resolves outside {self.root}")
         return path
 
+    def ref_for(self, key: str, data: bytes) -> BlobRef:
+        return BlobRef(uri=self.uri_of(key), size=len(data), sha256=sha256_hex(data))
+
     def uri_of(self, key: str) -> str:
         return self.path_of(key).as_uri()
 
@@ -193,5 +196,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def open_blob_store(settings: Settings) -> BlobStore:
-    """The blob store the settings describe (today: a local directory, ``settings.blob_root``)."""
-    return LocalBlobStore(settings.blob_root)
+    """The blob store the settings describe: S3 (embedded SeaweedFS or a real service),
+    or a local directory (``blobs.backend = "local"``, for unit tests)."""
+    if settings.blobs.backend == "local":
+        return LocalBlobStore(settings.blob_root)
+    from schemas.blobs_s3 import open_s3_store
+
+    return open_s3_store(settings)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +43,11 @@ class KafkaSettings(_Group):
 
     bootstrap: str | None = Field(None, description="host:port[,host:port] of a real Kafka cluster")
     embedded_port: int = Field(9092, ge=1, le=65535)
-    storage: str = Field("memory://tansu/", description="Tansu storage engine URL (memory:// or s3://)")
+    storage: str = Field(
+        "s3://tansu/",
+        pattern=r"^(memory|s3)://[A-Za-z0-9._-]+/?$",
+        description="embedded broker's storage: s3://BUCKET/ on the object store (durable) or memory:// (lost on restart)",
+    )
     topic_prefix: str = Field("radstream", pattern=r"^[A-Za-z0-9._-]+$")
     partitions: int = Field(4, ge=1, le=1024)
     replication_factor: int = Field(1, ge=1)
@@ -90,10 +95,93 @@ class DicomSettings(_Group):
         return value.strip()
 
 
-class BlobSettings(_Group):
-    """Claim-check store for instance bytes; pixel data never rides on Kafka."""
+class Hl7Settings(_Group):
+    """HL7 v2 MLLP listener for orders (ORM^O01) and patient updates (ADT); HL7 v2.5 Appendix C (MLLP).
 
-    root: Path | None = Field(None, description="local blob directory; default DATA_DIR/blobs")
+    ``message_types`` and ``site_map`` are comma-separated strings so that they travel
+    unchanged through ``RADSTREAM_HL7_*`` variables to the gateway process.
+    """
+
+    port: int = Field(2575, ge=1, le=65535)
+    max_message_bytes: int = Field(1024 * 1024, ge=1024, description="larger MLLP frames are refused (AR)")
+    message_types: str = Field(
+        "ORM^O01,ADT^A01,ADT^A04,ADT^A05,ADT^A08,ADT^A31",
+        description="MSH-9 type^event values accepted; others are answered AR (HL7 table 0076/0003)",
+    )
+    site_map: str = Field(
+        "", description="FACILITY=SITE,...: MSH-4 sending facility -> source_site (unmapped: the facility itself)"
+    )
+    site_states: str = Field(
+        "", description="SITE=ST,...: the state each site scans in (reader licensure); else PID-11 state"
+    )
+    idle_timeout_s: float = Field(300.0, gt=0, description="close an MLLP connection silent for this long")
+
+    @field_validator("message_types")
+    @classmethod
+    def _message_types(cls, value: str) -> str:
+        types = [t.strip().upper() for t in value.split(",") if t.strip()]
+        bad = [t for t in types if not re.fullmatch(r"[A-Z0-9]{3}\^[A-Z0-9]{3}", t)]
+        if not types or bad:
+            raise ValueError(f"must be comma-separated TYPE^EVENT values such as ORM^O01 (bad: {bad or value!r})")
+        return ",".join(types)
+
+    @field_validator("site_map", "site_states")
+    @classmethod
+    def _pairs(cls, value: str) -> str:
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, mapped = pair.partition("=")
+            if not sep or not key.strip() or not mapped.strip():
+                raise ValueError(f"must be KEY=VALUE pairs separated by commas (bad pair {pair!r})")
+        return value
+
+    def accepted_types(self) -> frozenset[str]:
+        return frozenset(self.message_types.split(","))
+
+    def site_for(self, facility: str) -> str:
+        return _pairs_of(self.site_map).get(facility.upper(), facility)
+
+    def state_for(self, site: str) -> str | None:
+        return _pairs_of(self.site_states).get(site.upper())
+
+
+def _pairs_of(value: str) -> dict[str, str]:
+    pairs = (p.partition("=") for p in value.split(",") if "=" in p)
+    return {key.strip().upper(): mapped.strip() for key, _, mapped in pairs}
+
+
+class BlobSettings(_Group):
+    """Claim-check store for instance bytes; pixel data never rides on Kafka.
+
+    S3 everywhere: the embedded SeaweedFS, or S3/MinIO/Ceph in production
+    (``s3_endpoint``). ``backend = "local"`` (a directory) is for unit tests only.
+    """
+
+    backend: Literal["s3", "local"] = "s3"
+    root: Path | None = Field(None, description="local backend's directory; default DATA_DIR/blobs")
+    bucket: str = Field("radstream", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    s3_endpoint: str | None = Field(None, description="http(s)://host:port of an S3 service; unset: embedded SeaweedFS")
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = Field(None, description="unset with the embedded store: generated on first start")
+    s3_secret_access_key: SecretStr | None = None
+    s3_verify_tls: bool = True
+    s3_ca_bundle: Path | None = None
+    s3_timeout_s: float = Field(10.0, gt=0)
+    encryption_key: SecretStr | None = Field(
+        None, description="base64 of 32 bytes: blobs are encrypted with AES-256-GCM before they leave the process"
+    )
+
+
+class SeaweedSettings(_Group):
+    """The embedded object store (SeaweedFS ``weed mini``), bound to ``bind_host``.
+
+    Besides S3 it opens master, volume, filer, admin and catalogue ports, and a gRPC port
+    for several of them; they are ``port_base`` .. ``port_base + 12`` so that two
+    runtimes on one machine never collide.
+    """
+
+    s3_port: int = Field(8333, ge=1, le=65535)
+    port_base: int = Field(18300, ge=1, le=65535 - 13)
+    volume_size_limit_mb: int = Field(256, ge=8)
 
 
 class AssemblySettings(_Group):
@@ -116,7 +204,16 @@ class MetricsSettings(_Group):
     """Prometheus exposition ports, one per process kind; 0 disables."""
 
     gateway_port: int = Field(9464, ge=0, le=65535)
+    hl7_gateway_port: int = Field(9466, ge=0, le=65535)
     worker_port: int = Field(9465, ge=0, le=65535)
+
+
+class DeidSettings(_Group):
+    """De-identification (PS3.15 Annex E): the secret behind UIDs/pseudonyms and the site policy."""
+
+    key: SecretStr | None = Field(None, description="hex secret (>= 32 bytes); unset: read key_file")
+    key_file: Path | None = Field(None, description="secret key file; default DATA_DIR/secrets/deid.key, created 0600")
+    policy_file: Path | None = Field(None, description="TOML per-site policy; default: the packaged policy")
 
 
 class RuntimeSettings(_Group):
@@ -130,12 +227,15 @@ _GROUPS: dict[str, type[_Group]] = {
     "kafka": KafkaSettings,
     "warehouse": WarehouseSettings,
     "dicom": DicomSettings,
+    "hl7": Hl7Settings,
     "blobs": BlobSettings,
+    "seaweedfs": SeaweedSettings,
     "assembly": AssemblySettings,
     "routing": RoutingSettings,
     "worker": WorkerSettings,
     "metrics": MetricsSettings,
     "runtime": RuntimeSettings,
+    "deid": DeidSettings,
 }
 
 
@@ -180,12 +280,15 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     warehouse: WarehouseSettings = WarehouseSettings()
     dicom: DicomSettings = DicomSettings()
+    hl7: Hl7Settings = Hl7Settings()
     blobs: BlobSettings = BlobSettings()
+    seaweedfs: SeaweedSettings = SeaweedSettings()
     assembly: AssemblySettings = AssemblySettings()
     routing: RoutingSettings = RoutingSettings()
     worker: WorkerSettings = WorkerSettings()
     metrics: MetricsSettings = MetricsSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    deid: DeidSettings = DeidSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -215,6 +318,14 @@ class Settings(BaseSettings):
     @property
     def warehouse_url(self) -> str:
         return self.warehouse.url or f"http://{self.bind_host}:{self.warehouse.embedded_port}"
+
+    @property
+    def embedded_objectstore(self) -> bool:
+        return self.blobs.backend == "s3" and self.blobs.s3_endpoint is None
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.blobs.s3_endpoint or f"http://{self.bind_host}:{self.seaweedfs.s3_port}"
 
     @property
     def blob_root(self) -> Path:

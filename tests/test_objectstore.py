@@ -1,0 +1,71 @@
+"""The claim-check store over S3, against a real SeaweedFS (``weed mini``)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+
+import pytest
+from pydantic import SecretStr
+
+from schemas.blobs import BlobError, BlobNotFound, instance_key
+from schemas.blobs_s3 import S3BlobStore, S3Credentials, credentials_path, load_credentials, open_s3_store
+from schemas.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+KEY = instance_key("1.2.840.1", "1.2.840.1.2", "1.2.840.1.2.3")
+
+
+def test_put_is_idempotent_and_get_by_claim_check_uri_returns_the_bytes(objectstore: Settings) -> None:
+    store = open_s3_store(objectstore)
+    first = store.put(KEY, b"DICM" * 1000)
+    second = store.put(KEY, b"DICM" * 1000)
+    assert first == second and first.uri == f"s3://{objectstore.blobs.bucket}/{KEY}"
+    assert store.keys("1.2.840.1/") == [KEY], "storing the same instance twice is one object"
+    assert store.get(first.uri) == b"DICM" * 1000
+    assert store.exists(first.uri) and first.size == 4000
+
+
+def test_a_missing_object_is_a_clear_error_naming_the_uri(objectstore: Settings) -> None:
+    store = open_s3_store(objectstore)
+    uri = f"s3://{objectstore.blobs.bucket}/1.2/3.4/5.6.dcm"
+    with pytest.raises(BlobNotFound, match="1.2/3.4/5.6.dcm"):
+        store.get(uri)
+    assert not store.exists(uri)
+    with pytest.raises(BlobError, match="is not an s3://bucket/key URI"):
+        store.get("file:///etc/passwd")
+
+
+def test_bad_credentials_and_an_unreachable_store_are_named(objectstore: Settings) -> None:
+    wrong = S3BlobStore(endpoint=objectstore.s3_endpoint, bucket=objectstore.blobs.bucket,
+                        credentials=S3Credentials("NOTAKEY", "nope"), timeout_s=3)
+    with pytest.raises(BlobError, match="refused the credentials"):
+        wrong.put(KEY, b"x")
+    gone = S3BlobStore(endpoint="http://127.0.0.1:9", bucket="radstream",
+                       credentials=load_credentials(objectstore), timeout_s=1)
+    with pytest.raises(BlobError, match="127.0.0.1:9 is unreachable"):
+        gone.get(f"s3://radstream/{KEY}")
+
+
+def test_credentials_are_generated_once_and_readable_only_by_the_owner(objectstore: Settings) -> None:
+    path = credentials_path(objectstore)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert load_credentials(objectstore) == load_credentials(objectstore)
+
+
+def test_encryption_at_rest_stores_ciphertext_and_reads_plaintext(objectstore: Settings) -> None:
+    key = base64.b64encode(os.urandom(32)).decode()
+    encrypted = open_s3_store(objectstore.model_copy(update={
+        "blobs": objectstore.blobs.model_copy(update={"encryption_key": SecretStr(key)})}))
+    plain = open_s3_store(objectstore)
+    payload = b"PATIENT^CANARY" * 100
+    ref = encrypted.put(KEY, payload)
+    assert encrypted.get(ref.uri) == payload
+    assert ref.sha256 == plain.ref_for(KEY, payload).sha256, "the digest identifies the instance, not its ciphertext"
+    raw = plain._client.get_object(Bucket=objectstore.blobs.bucket, Key=KEY)["Body"].read()
+    assert b"CANARY" not in raw and len(raw) == len(payload) + 12 + 16
+    with pytest.raises(BlobError, match="encryption_key is not set"):
+        plain.get(ref.uri)
