@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
 from io import BytesIO
@@ -147,21 +148,44 @@ def _store(event: evt.Event, store: BlobStore, publisher: EventPublisher, receiv
     if is_valid_uid(study_uid := _text(header, "StudyInstanceUID")):
         received.study_uid = study_uid  # so a refusal below is keyed and traced by study
     study_uid, series_uid, sop_instance_uid = _validated_uids(header, event.request)
-    try:
-        received.blob = store.put(instance_key(study_uid, series_uid, sop_instance_uid), received.data)
-    except Exception as exc:
-        raise Rejected(StoreStatus.OUT_OF_RESOURCES, "blob_store_failed", f"cannot store the instance: {exc}") from None
-
+    key = instance_key(study_uid, series_uid, sop_instance_uid)
+    received.blob = store.ref_for(key, received.data)
     instance = instance_received(header, received.blob, event, calling_ae)
+    # The upload and the acked publish overlap (an acked produce costs ~4 ms on s3://
+    # broker storage, an object put a few ms more): success is answered only once both
+    # are durable. If the upload fails after the event was published, the sender is told
+    # to retry (0xA700) and its retry writes the same key; the dead letter records it.
+    upload = _uploads().submit(store.put, key, received.data)
+    publish_error: PublishError | None = None
     try:
         publisher.publish(INSTANCE_RECEIVED, instance)
     except PublishError as exc:
+        publish_error = exc
+    try:
+        upload.result()
+    except Exception as exc:
+        received.blob = None  # not stored: the dead letter must carry the bytes themselves
+        raise Rejected(StoreStatus.OUT_OF_RESOURCES, "blob_store_failed", f"cannot store the instance: {exc}") from None
+    if publish_error is not None:
         # The broker is the dead-letter channel too: the refusal is only logged, and
         # the sender retries; its retry overwrites the same blob key.
-        raise Rejected(StoreStatus.OUT_OF_RESOURCES, "broker_unavailable", str(exc)) from None
+        raise Rejected(StoreStatus.OUT_OF_RESOURCES, "broker_unavailable", str(publish_error)) from None
     slog.info("stored instance", trace_id=instance.trace_id, study_uid=study_uid, sop_instance_uid=sop_instance_uid,
               modality=instance.modality, calling_ae=calling_ae, bytes=received.blob.size)
     return StoreStatus.SUCCESS
+
+
+_upload_pool: ThreadPoolExecutor | None = None
+_upload_pool_lock = threading.Lock()
+
+
+def _uploads() -> ThreadPoolExecutor:
+    """Threads for blob uploads; concurrency is bounded by the associations waiting on them."""
+    global _upload_pool
+    with _upload_pool_lock:
+        if _upload_pool is None:
+            _upload_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="blob-upload")
+        return _upload_pool
 
 
 def _validated_uids(header: Dataset, request: Any) -> tuple[str, str, str]:

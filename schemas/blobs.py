@@ -65,6 +65,11 @@ class BlobStore(Protocol):
         a second put of the same key replaces the object."""
         ...
 
+    def ref_for(self, key: str, data: bytes) -> BlobRef:
+        """The reference ``put(key, data)`` returns, computed without storing anything:
+        lets a gateway publish the claim check while the upload is still running."""
+        ...
+
     def get(self, uri: str) -> bytes:
         """The bytes stored at ``uri``; :class:`BlobNotFound` if there are none."""
         ...
