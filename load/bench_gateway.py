@@ -2,18 +2,19 @@
 
 Both receive the same N real CT instances (copies of pydicom's CT_small.dcm with new
 UIDs) from dcmtk's ``storescu`` in the same run. The bare SCP only writes each data set
-to disk; the gateway also parses the header, validates it, writes the blob atomically
-(fsync), publishes ``InstanceReceived`` to a real Tansu broker and waits for the ack
-before answering. The ratio is what the gateway's guarantees cost per instance.
+to disk; the gateway also parses the header, validates it, stores the blob (on the
+embedded SeaweedFS over S3 by default, as in production), publishes ``InstanceReceived``
+to a real Tansu broker and waits for the ack before answering. The gateway is measured
+with the broker on ``memory://`` and on durable ``s3://`` storage; each ratio is what
+the gateway's guarantees cost per instance.
 
-    python -m load.bench_gateway --instances 300 [--senders 4]
+    python -m load.bench_gateway --instances 300 [--senders 4] [--broker-storage both|memory|s3]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import subprocess
 import sys
@@ -30,11 +31,12 @@ from pydicom.uid import generate_uid
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from schemas.blobs import LocalBlobStore
+from schemas.blobs import BlobStore, open_blob_store
 from gateways.dicom_scp import start_gateway
 from gateways.publisher import EventPublisher
 from radstream import procs
 from schemas.settings import Settings, load_settings
+from schemas.telemetry import configure_logging
 from schemas.topics import INSTANCE_RECEIVED, ensure_topics
 
 STORESCU = "/usr/bin/storescu"
@@ -97,31 +99,72 @@ def send(host: str, port: int, called_ae: str, files: Sequence[Path], senders: i
     return elapsed
 
 
-def events_on_topic(settings: Settings) -> int:
+def events_on_topic(settings: Settings, idle_s: float = 2.0) -> int:
+    """Events on instance.received, counted by reading them all.
+
+    Not from watermarks: Tansu reports a partition's end as the base offset of its last
+    batch + 1, which undercounts whenever the producer batched.
+    """
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-count",
-                         "session.timeout.ms": 6000})
+                         "enable.auto.commit": False})
+    topic = INSTANCE_RECEIVED.name(settings)
     try:
-        total = 0
-        for partition in range(settings.kafka.partitions):
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(INSTANCE_RECEIVED.name(settings), partition), timeout=10)
-            total += high - low
-        return total
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(settings.kafka.partitions)])
+        count, last = 0, time.monotonic()
+        while time.monotonic() - last < idle_s:
+            msg = consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                count, last = count + 1, time.monotonic()
+        return count
     finally:
         consumer.close()
+
+
+def run_gateway(settings: Settings, store: BlobStore, files: Sequence[Path], warmup: Sequence[Path],
+                senders: int, linger_ms: float, log_dir: Path, broker_env: dict[str, str]) -> tuple[float, float, int]:
+    """Gateway instances/s, mean handling ms and events published, against a fresh Tansu."""
+    host = settings.bind_host
+    broker = procs.start_tansu(host, settings.kafka.embedded_port, settings.kafka.storage,
+                               log_path=log_dir / f"tansu-{settings.kafka.topic_prefix}.log",
+                               env={**os.environ, **broker_env})
+    publisher = None
+    server = None
+    try:
+        ensure_topics(settings)
+        publisher = EventPublisher(settings, linger_ms=linger_ms)
+        server = start_gateway(settings, store, publisher)
+        send(host, settings.dicom.port, settings.dicom.ae_title, warmup, 1)
+        handled_before = REGISTRY.get_sample_value("radstream_dicom_store_seconds_sum") or 0.0
+        gateway_s = send(host, settings.dicom.port, settings.dicom.ae_title, files, senders)
+        handled_s = (REGISTRY.get_sample_value("radstream_dicom_store_seconds_sum") or 0.0) - handled_before
+        published = events_on_topic(settings) - len(warmup)
+    finally:
+        if server is not None:
+            server.shutdown()
+        if publisher is not None:
+            publisher.close(timeout_s=5)
+        procs.stop(broker, grace_s=1)
+    return len(files) / gateway_s, handled_s / len(files) * 1000, published
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=500, help="instances sent to each SCP (default 500)")
     parser.add_argument("--senders", type=int, default=1, help="concurrent storescu processes (default 1)")
+    parser.add_argument("--broker-storage", choices=["memory", "s3", "both"], default="both",
+                        help="the embedded broker's storage engine(s) to measure (default both)")
+    parser.add_argument("--blobs", choices=["s3", "local"], default="s3",
+                        help="claim-check store: the embedded SeaweedFS (default, as in production) or a directory")
     parser.add_argument("--linger-ms", type=float, default=0.0, help="the gateway producer's linger.ms")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     if args.instances < 1 or args.senders < 1:
         parser.error("--instances and --senders must be at least 1")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(load_settings(log_level=args.log_level), "bench")
     host = "127.0.0.1"
+    storages = ["memory", "s3"] if args.broker_storage == "both" else [args.broker_storage]
+    if "s3" in storages and args.blobs != "s3":
+        parser.error("s3:// broker storage needs the object store: use --blobs s3")
 
     with tempfile.TemporaryDirectory(prefix="radstream-bench-") as tmp:
         root = Path(tmp)
@@ -142,40 +185,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         bare_rate = len(files) / bare_s
         print(f"bare pynetdicom SCP instances/s: {bare_rate:.1f}", flush=True)
 
-        settings = load_settings(
+        base = load_settings(
             data_dir=root / "data",
-            kafka={"embedded_port": procs.free_port(host), "topic_prefix": "bench"},
-            dicom={"port": procs.free_port(host), "max_associations": max(16, args.senders)},
+            blobs={"backend": args.blobs},
+            seaweedfs={"s3_port": procs.free_port(host), "port_base": _free_block(host, 11)},
             metrics={"gateway_port": 0},
         )
-        broker = procs.start_tansu(host, settings.kafka.embedded_port, "memory://tansu/",
-                                   log_path=root / "tansu.log")
-        publisher = None
-        server = None
+        weed = None
+        broker_env: dict[str, str] = {}
         try:
-            ensure_topics(settings)
-            publisher = EventPublisher(settings, linger_ms=args.linger_ms)
-            server = start_gateway(settings, LocalBlobStore(settings.blob_root), publisher)
-            send(host, settings.dicom.port, settings.dicom.ae_title, warmup, 1)
-            handled_before = REGISTRY.get_sample_value("radstream_dicom_store_seconds_sum") or 0.0
-            gateway_s = send(host, settings.dicom.port, settings.dicom.ae_title, files, args.senders)
-            handled_s = (REGISTRY.get_sample_value("radstream_dicom_store_seconds_sum") or 0.0) - handled_before
-            published = events_on_topic(settings) - 1  # less the warm-up instance
+            if args.blobs == "s3":
+                weed, broker_env = _start_objectstore(base, root)
+            store = open_blob_store(base)
+            failed = False
+            for storage in storages:
+                settings = base.model_copy(update={
+                    "kafka": base.kafka.model_copy(update={
+                        "embedded_port": procs.free_port(host), "topic_prefix": f"bench-{storage}",
+                        "storage": "memory://tansu/" if storage == "memory" else "s3://tansu/"}),
+                    "dicom": base.dicom.model_copy(update={
+                        "port": procs.free_port(host), "max_associations": max(16, args.senders)}),
+                })
+                rate, handled_ms, published = run_gateway(
+                    settings, store, files, warmup, args.senders, args.linger_ms, root,
+                    broker_env if storage == "s3" else {})
+                label = f"gateway ({settings.kafka.storage} broker, {args.blobs} blobs)"
+                print(f"{label} instances/s: {rate:.1f}")
+                print(f"{label} mean C-STORE handling ms: {handled_ms:.2f}")
+                print(f"{label} events on {INSTANCE_RECEIVED.suffix}: {published}/{len(files)}")
+                print(f"radstream[{storage}] / bare-pynetdicom = {rate / bare_rate:.2f}", flush=True)
+                if published != len(files):
+                    print("error: the gateway acknowledged instances that are not on the topic", file=sys.stderr)
+                    failed = True
         finally:
-            if server is not None:
-                server.shutdown()
-            if publisher is not None:
-                publisher.close(timeout_s=5)
-            procs.stop(broker, grace_s=1)
-        gateway_rate = len(files) / gateway_s
-        print(f"gateway instances/s: {gateway_rate:.1f}")
-        print(f"gateway mean C-STORE handling ms (parse, blob, broker ack): {handled_s / len(files) * 1000:.2f}")
-        print(f"events on {INSTANCE_RECEIVED.suffix}: {published}/{len(files)}")
-        print(f"radstream / bare-pynetdicom = {gateway_rate / bare_rate:.2f}")
-        if published != len(files):
-            print("error: the gateway acknowledged instances that are not on the topic", file=sys.stderr)
-            return 1
-    return 0
+            if weed is not None:
+                procs.stop(weed, grace_s=5)
+    return 1 if failed else 0
+
+
+def _free_block(host: str, count: int) -> int:
+    import random
+
+    for _ in range(200):
+        start = random.randrange(20000, 60000 - count)
+        if all(procs.port_is_free(host, start + i) for i in range(count)):
+            return start
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _start_objectstore(settings: Settings, root: Path):
+    """The embedded SeaweedFS as radstream up runs it; returns it and Tansu's S3 env."""
+    from radstream import objectstore
+    from schemas.blobs_s3 import ensure_embedded_credentials, open_s3_store
+
+    credentials = ensure_embedded_credentials(settings)
+    proc = procs.spawn(objectstore.argv(settings), env={**os.environ, **objectstore.env(credentials)},
+                       log_path=root / "seaweedfs.log")
+    procs.wait_for_port(settings.bind_host, settings.seaweedfs.s3_port, 30, proc)
+    store = open_s3_store(settings)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            store.ensure_bucket()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                procs.stop(proc, 1)
+                raise
+            time.sleep(0.2)
+    return proc, objectstore.tansu_env(settings, credentials)
 
 
 if __name__ == "__main__":
