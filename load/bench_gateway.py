@@ -236,24 +236,10 @@ def _free_block(host: str, count: int) -> int:
 def _start_objectstore(settings: Settings, root: Path):
     """The embedded SeaweedFS as radstream up runs it; returns it and Tansu's S3 env."""
     from radstream import objectstore
-    from schemas.blobs_s3 import ensure_embedded_credentials, open_s3_store
+    from schemas.blobs_s3 import load_credentials
 
-    credentials = ensure_embedded_credentials(settings)
-    proc = procs.spawn(objectstore.argv(settings), env={**os.environ, **objectstore.env(credentials)},
-                       log_path=root / "seaweedfs.log")
-    procs.wait_for_port(settings.bind_host, settings.seaweedfs.s3_port, 30, proc)
-    store = open_s3_store(settings)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            store.ensure_bucket()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                procs.stop(proc, 1)
-                raise
-            time.sleep(0.2)
-    return proc, objectstore.tansu_env(settings, credentials)
+    proc = objectstore.start_embedded(settings, root / "seaweedfs.log")
+    return proc, objectstore.tansu_env(settings, load_credentials(settings))
 
 
 if __name__ == "__main__":

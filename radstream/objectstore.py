@@ -84,3 +84,33 @@ def tansu_env(settings: Settings, credentials: S3Credentials) -> dict[str, str]:
         "AWS_DEFAULT_REGION": settings.blobs.s3_region,
         **env(credentials),
     }
+
+
+def start_embedded(settings: Settings, log_path: Path | None = None):
+    """Start ``weed mini`` as ``radstream up`` does and wait until its buckets answer.
+
+    For tools and tests that need the object store without the whole runtime. Returns
+    the process; stop it with :func:`radstream.procs.stop`.
+    """
+    import os
+    import time
+
+    from radstream import procs
+    from schemas.blobs_s3 import ensure_embedded_credentials, open_s3_store
+
+    credentials = ensure_embedded_credentials(settings)
+    proc = procs.spawn(argv(settings), env={**os.environ, **env(credentials)}, log_path=log_path)
+    try:
+        procs.wait_for_port(settings.bind_host, settings.seaweedfs.s3_port, 30, proc)
+        store, deadline = open_s3_store(settings), time.monotonic() + 30
+        while True:
+            try:
+                store.ensure_bucket()
+                return proc
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+    except BaseException:
+        procs.stop(proc, 1)
+        raise

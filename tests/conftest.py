@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,8 +46,9 @@ def settings(tmp_path: Path) -> Settings:
         seaweedfs={"s3_port": procs.free_port(), "port_base": free_port_range(11)},
         warehouse={"embedded_port": procs.free_port()},
         dicom={"port": procs.free_port()},
+        hl7={"port": procs.free_port()},
         worker={"web_port": procs.free_port()},
-        metrics={"gateway_port": 0, "worker_port": 0},
+        metrics={"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0},
         assembly={"quiet_period_s": 2.0, "scan_interval_s": 0.25},
     )
 
@@ -77,24 +77,10 @@ def durable_settings(settings: Settings) -> Settings:
 @pytest.fixture
 def objectstore(durable_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
     """A real SeaweedFS (``weed mini``) with the radstream buckets, as ``radstream up`` runs it."""
-    from radstream import objectstore as weed
-    from schemas.blobs_s3 import ensure_embedded_credentials, open_s3_store
+    from radstream.objectstore import start_embedded
 
-    credentials = ensure_embedded_credentials(durable_settings)
-    proc = procs.spawn(weed.argv(durable_settings), env={**os.environ, **weed.env(credentials)},
-                       log_path=tmp_path / "seaweedfs.log")
+    proc = start_embedded(durable_settings, tmp_path / "seaweedfs.log")
     try:
-        procs.wait_for_port(durable_settings.bind_host, durable_settings.seaweedfs.s3_port, 30, proc)
-        store = open_s3_store(durable_settings)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                store.ensure_bucket()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
         yield durable_settings
     finally:
         procs.stop(proc, grace_s=5)
