@@ -1,0 +1,411 @@
+"""One DICOM instance in, one de-identified instance out (DICOM PS3.15 Annex E).
+
+Works on the encoded dataset as pydicom reads it: elements stay raw (undecoded bytes)
+unless an action needs their value, so Pixel Data, and every attribute the profile
+keeps, is written back byte for byte. For each attribute the action comes from the
+Annex E table (:mod:`schemas.deid`), with the site's options applied on top:
+
+* the table's action, options first (an enabled option column's K or C replaces the
+  basic action), combined codes resolved by :func:`schemas.deid.strictest`;
+* attributes the table does not list are kept, except: private attributes (removed
+  unless on the site's safe-list, PS3.15 E.3.10), person names (PN, dummy), UIDs (UI,
+  remapped unless a standard UID such as a SOP class), group lengths (removed);
+* sequences are walked: the profile applies to attributes nested at any depth.
+
+The result carries PatientIdentityRemoved (0012,0062) = YES, De-identification Method
+(0012,0063), the De-identification Method Code Sequence (0012,0064: DCM 113100 and the
+option codes) and Longitudinal Temporal Information Modified (0028,0303).
+
+Instances that may carry burned-in PHI in their pixels are never de-identified here:
+:func:`deidentify_instance` raises :class:`Quarantined` with the reason (PS3.15 E.3.1 —
+cleaning pixel data is not something this stage claims to do).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cache
+
+from pydicom import dcmread
+from pydicom.datadict import DicomDictionary
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+from schemas.deid import OPTION_COLUMNS, load_annex_e, strictest
+from schemas.deid.keys import DeidKeys, shift_date
+from schemas.deid.policy import OPTIONS, SitePolicy
+
+DEID_METHOD = "radstream PS3.15 Annex E basic profile"
+
+_PATIENT_NAME = 0x00100010
+_PATIENT_ID = 0x00100020
+_ISSUER_OF_PATIENT_ID = 0x00100021
+_STRING_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"})
+_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+_NUMBER_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV"})
+_BYTES_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_DUMMY = {"AE": "ANON", "AS": "000Y", "CS": "ANON", "DA": "19000101", "DS": "0", "DT": "19000101000000",
+          "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "PN": "ANONYMIZED", "SH": "ANONYMIZED",
+          "ST": "ANONYMIZED", "TM": "000000", "UC": "ANONYMIZED", "UR": "", "UT": "ANONYMIZED"}
+#: meta attributes that name the sender (PS3.10 7.1): removed
+_META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
+_MEASUREMENT = re.compile(r"^\d{1,4}(\.\d{1,3})?(MM|CM|ML|KV|KVP|MAS|MS|S|T|MIN|H|X)?$")
+_TOKEN = re.compile(r"[A-Za-z0-9.]+")
+
+
+class Quarantined(Exception):
+    """The instance may show PHI in its pixels (burned-in annotation); it must not pass."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotDicom(ValueError):
+    """The blob is not a DICOM dataset pydicom can read."""
+
+
+@dataclass(frozen=True)
+class DeidentifiedInstance:
+    data: bytes
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_pseudonym: str
+    instance_number: int | None = None
+    series_number: int | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    series_description: str | None = None
+    study_description: str | None = None
+    patient_age: str | None = None
+    patient_sex: str | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The resolved action of every listed attribute under one site policy."""
+
+    actions: dict[int, str]
+    policy: SitePolicy
+    shift_dates: bool
+
+    def action(self, tag: int) -> str | None:
+        found = self.actions.get(tag)
+        if found is None:
+            group = tag >> 16
+            if group & 0xFF00 == 0x5000:
+                return "X"  # curve data (50xx,xxxx), retired: removed
+            if group & 0xFF00 == 0x6000 and tag & 0xFFFF in (0x3000, 0x4000):
+                return "X"  # overlay data and comments
+        return found
+
+
+@cache
+def plan_for(policy: SitePolicy) -> _Plan:
+    columns = {OPTIONS[name][0] for name in policy.options}
+    assert columns <= set(OPTION_COLUMNS)
+    actions: dict[int, str] = {}
+    for entry in load_annex_e():
+        if entry.repeating:
+            continue
+        action = strictest(entry.basic)
+        for column in OPTION_COLUMNS:  # options relax the basic action only where their column says so
+            if column in columns and entry.options[column]:
+                action = entry.options[column]
+        group, element = entry.tag.split(",")
+        actions[int(group, 16) << 16 | int(element, 16)] = action
+    return _Plan(actions, policy, "retain_longitudinal_modified_dates" in policy.options)
+
+
+def read_dataset(data: bytes) -> Dataset:
+    try:
+        return dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # pydicom raises many types for garbage
+        raise NotDicom(f"not a readable DICOM dataset: {type(exc).__name__}: {exc}") from None
+
+
+def burned_in_reason(ds: Dataset, policy: SitePolicy) -> str | None:
+    """Why this instance must be quarantined for possible burned-in PHI, or None.
+
+    BurnedInAnnotation (0028,0301) = YES always; without the attribute, modalities and
+    SOP classes known to carry burned-in text (ultrasound, secondary capture, screen
+    captures) too. A site rule (``burned_in_safe``) overrides both.
+    """
+    modality = str(ds.get("Modality", "") or "").upper()
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if any(rule.matches(modality, sop_class) for rule in policy.burned_in_safe):
+        return None
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "BurnedInAnnotation (0028,0301) is YES"
+    if flag == "NO":
+        return None
+    if modality in policy.burned_in_modalities:
+        return f"modality {modality} often carries burned-in text and BurnedInAnnotation (0028,0301) is absent"
+    for prefix in policy.burned_in_sop_classes:
+        root = prefix.rstrip(".")
+        if sop_class == root or sop_class.startswith(root + "."):
+            return f"SOP class {sop_class} often carries burned-in text and BurnedInAnnotation (0028,0301) is absent"
+    if "ConversionType" in ds:
+        return "ConversionType (0008,0064) marks a secondary capture and BurnedInAnnotation (0028,0301) is absent"
+    return None
+
+
+def deidentify_instance(data: bytes, policy: SitePolicy, keys: DeidKeys) -> DeidentifiedInstance:
+    """De-identify one PS3.10 instance; raise :class:`Quarantined` for possible burned-in PHI.
+
+    Only the attributes before Pixel Data are parsed and rewritten; the Pixel Data
+    element, header and value, is appended as the very bytes received (byte-identical
+    by construction, and never copied into pydicom). Files with anything after Pixel
+    Data, or deflated ones, take the slower path of parsing everything.
+    """
+    ds, pixels = _read_header(data)
+    reason = burned_in_reason(ds, policy)
+    if reason is not None:
+        raise Quarantined(reason)
+    if pixels is None:
+        ds = read_dataset(data)
+    return deidentify_dataset(ds, policy, keys, memoryview(data)[pixels[0]:pixels[1]] if pixels is not None else None)
+
+
+_IMPLICIT_LE, _EXPLICIT_BE, _DEFLATED = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
+_LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR", b"SV", b"UV"})
+
+
+def _read_header(data: bytes) -> tuple[Dataset, tuple[int, int] | None]:
+    """The dataset up to Pixel Data, and where the Pixel Data element starts and ends when
+    nothing but Data Set Trailing Padding (FFFC,FFFC) follows it (which is dropped: PS3.10
+    7.2 gives it no meaning, and it could hold anything); else None, and the caller parses
+    the whole file."""
+    fp = io.BytesIO(data)
+    try:
+        ds = dcmread(fp, force=True, stop_before_pixels=True)
+    except Exception as exc:
+        raise NotDicom(f"not a readable DICOM dataset: {type(exc).__name__}: {exc}") from None
+    offset = fp.tell()
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if offset >= len(data) or syntax == _DEFLATED:
+        return ds, None
+    big = syntax == _EXPLICIT_BE
+    order = "big" if big else "little"
+    if data[offset:offset + 4] != (b"\x7f\xe0\x00\x10" if big else b"\xe0\x7f\x10\x00"):
+        return ds, None
+    if syntax == _IMPLICIT_LE:
+        length, position = int.from_bytes(data[offset + 4:offset + 8], order), offset + 8
+    elif data[offset + 4:offset + 6] in _LONG_VRS:
+        length, position = int.from_bytes(data[offset + 8:offset + 12], order), offset + 12
+    else:
+        length, position = int.from_bytes(data[offset + 6:offset + 8], order), offset + 8
+    if length == 0xFFFFFFFF:  # encapsulated: items until the sequence delimiter (PS3.5 A.4)
+        while position + 8 <= len(data):
+            item = int.from_bytes(data[position:position + 2], order), int.from_bytes(data[position + 2:position + 4], order)
+            size = int.from_bytes(data[position + 4:position + 8], order)
+            position += 8
+            if item == (0xFFFE, 0xE0DD):
+                break
+            if item != (0xFFFE, 0xE000):
+                return ds, None
+            position += size
+    else:
+        position += length
+    padding = b"\xff\xff\xfc\xff" if big else b"\xfc\xff\xfc\xff"
+    if position == len(data) or data[position:position + 4] == padding:
+        return ds, (offset, position)
+    return ds, None
+
+
+def deidentify_dataset(ds: Dataset, policy: SitePolicy, keys: DeidKeys,
+                       pixel_element: memoryview | None = None) -> DeidentifiedInstance:
+    """De-identify a parsed dataset; ``pixel_element`` is the encoded Pixel Data element
+    to append unchanged when ``ds`` was read without it."""
+    plan = plan_for(policy)
+    issuer = _text(ds.get(_ISSUER_OF_PATIENT_ID))
+    patient_id = _text(ds.get(_PATIENT_ID))
+    walk = _Walk(plan, keys, keys.pseudonym(issuer, patient_id), keys.date_shift(issuer, patient_id))
+    walk.dataset(ds)
+    ds[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", walk.pseudonym)
+    ds[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", walk.pseudonym)
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = DEID_METHOD
+    ds.DeidentificationMethodCodeSequence = Sequence([_code(value, meaning) for value, meaning in policy.codes])
+    ds.LongitudinalTemporalInformationModified = "MODIFIED" if plan.shift_dates else "REMOVED"
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        for tag in _META_REMOVE:
+            if tag in meta:
+                del meta[tag]
+        if "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        # PS3.10 7.1: the implementation that wrote this file is us, not the sender's
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "RADSTREAM_DEID"
+    out = io.BytesIO()
+    dcmwrite(out, ds)
+    encoded = out.getvalue() if pixel_element is None else b"".join((out.getbuffer(), pixel_element))
+    number = ds.get("InstanceNumber")
+    series_number = ds.get("SeriesNumber")
+    return DeidentifiedInstance(
+        data=encoded, study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.get("SOPClassUID", "")),
+        transfer_syntax_uid=str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else "",
+        patient_pseudonym=walk.pseudonym,
+        instance_number=int(number) if number not in (None, "") else None,
+        series_number=int(series_number) if series_number not in (None, "") else None,
+        modality=_text(ds.get("Modality")), body_part_examined=_text(ds.get("BodyPartExamined")),
+        series_description=_text(ds.get("SeriesDescription")), study_description=_text(ds.get("StudyDescription")),
+        patient_age=_text(ds.get("PatientAge")), patient_sex=_text(ds.get("PatientSex")),
+    )
+
+
+def _text(value) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+    return item
+
+
+def _dictionary_vr(tag: int) -> str:
+    entry = DicomDictionary.get(tag)
+    return entry[0] if entry else "UN"
+
+
+class _Walk:
+    """Applies a plan to a dataset and, recursively, to every sequence item in it."""
+
+    def __init__(self, plan: _Plan, keys: DeidKeys, pseudonym: str, shift: timedelta) -> None:
+        self.plan, self.keys, self.pseudonym, self.shift = plan, keys, pseudonym, shift
+        self.keep_uids = plan.policy.keep_uid_prefixes
+
+    def dataset(self, ds: Dataset) -> None:
+        for tag in list(ds.keys()):
+            tag = int(tag)
+            group = tag >> 16
+            if group & 1:
+                if not self._safe_private(ds, tag):
+                    del ds[tag]
+                continue
+            if tag & 0xFFFF == 0:  # group length: wrong once anything changes (retired)
+                del ds[tag]
+                continue
+            raw = ds.get_item(tag)
+            vr = raw.VR or _dictionary_vr(tag)
+            action = self.plan.action(tag)
+            if action is None:
+                if vr == "SQ":
+                    self._items(ds, tag)
+                elif vr == "UI":
+                    self._remap(ds, tag)
+                elif vr == "PN":
+                    ds[tag] = DataElement(tag, "PN", _DUMMY["PN"])
+                continue
+            if action == "X":
+                del ds[tag]
+            elif action == "K":
+                if vr == "SQ":
+                    self._items(ds, tag)
+            elif action == "U":
+                self._remap(ds, tag, always=True)
+            elif action == "Z":
+                self._empty(ds, tag, vr)
+            elif action == "C":
+                self._clean(ds, tag, vr)
+            else:  # D
+                self._dummy(ds, tag, vr)
+
+    def _items(self, ds: Dataset, tag: int) -> None:
+        for item in ds[tag].value or ():
+            self.dataset(item)
+
+    def _remap(self, ds: Dataset, tag: int, always: bool = False) -> None:
+        element = ds[tag]
+        if element.VR != "UI":
+            del ds[tag]  # a UID we cannot read as one: remove rather than pass it on
+            return
+        values = element.value if isinstance(element.value, MultiValue) else [element.value]
+        mapped = [v if not v or (not always and v.startswith(self.keep_uids)) or v.startswith("1.2.840.10008.")
+                  else self.keys.uid(v) for v in (str(x) for x in values)]
+        element.value = mapped if len(mapped) != 1 else mapped[0]
+
+    def _empty(self, ds: Dataset, tag: int, vr: str) -> None:
+        if tag in (_PATIENT_NAME, _PATIENT_ID):
+            return  # replaced by the pseudonym afterwards
+        if " or " in vr or vr == "AT":
+            del ds[tag]
+        else:
+            ds[tag] = DataElement(tag, vr, [] if vr == "SQ" else None)
+
+    def _dummy(self, ds: Dataset, tag: int, vr: str) -> None:
+        if vr == "UI":
+            self._remap(ds, tag, always=True)
+        elif vr in _DUMMY:
+            ds[tag] = DataElement(tag, vr, _DUMMY[vr])
+        elif vr in _NUMBER_VRS:
+            ds[tag] = DataElement(tag, vr, 0)
+        elif vr in _BYTES_VRS or vr == "SQ":
+            # binary blobs and sequences: an empty value is the dummy that provably holds nothing
+            ds[tag] = DataElement(tag, vr, [] if vr == "SQ" else b"")
+        else:
+            del ds[tag]
+
+    def _clean(self, ds: Dataset, tag: int, vr: str) -> None:
+        if vr == "SQ":
+            self._items(ds, tag)
+        elif vr == "TM":
+            pass  # time of day is kept with modified dates; the shift is whole days
+        elif vr in ("DA", "DT") and self.plan.shift_dates:
+            element = ds[tag]
+            values = element.value if isinstance(element.value, MultiValue) else [element.value]
+            shifted = []
+            for value in (str(v) for v in values if v not in (None, "")):
+                moved = shift_date(value[:8], self.shift)
+                if moved is None:
+                    del ds[tag]  # a partial or malformed date cannot be shifted safely
+                    return
+                shifted.append(moved + value[8:] if vr == "DT" else moved)
+            ds[tag] = DataElement(tag, vr, shifted if len(shifted) != 1 else shifted[0])
+        elif vr in _TEXT_VRS:
+            value = ds[tag].value
+            values = value if isinstance(value, MultiValue) else [value]
+            cleaned = [self.clean_text(str(v)) for v in values if v not in (None, "")]
+            ds[tag] = DataElement(tag, vr, cleaned if len(cleaned) != 1 else cleaned[0])
+        elif vr in ("DA", "DT"):
+            self._empty(ds, tag, vr)
+        else:
+            self._dummy(ds, tag, vr)
+
+    def clean_text(self, text: str) -> str:
+        """Clean Descriptors (PS3.15 E.3.5): keep known vocabulary and plain measurements only."""
+        terms = self.plan.policy.descriptor_terms
+        kept = [t for t in _TOKEN.findall(text) if t.upper() in terms or _MEASUREMENT.match(t.upper())]
+        return " ".join(kept)
+
+    def _safe_private(self, ds: Dataset, tag: int) -> bool:
+        safe = self.plan.policy.private_safe
+        if not safe:
+            return False
+        group, element = tag >> 16, tag & 0xFFFF
+        if 0x0010 <= element <= 0x00FF:  # a private creator: keep if any safe attribute uses it
+            creator = _text(ds[tag].value)
+            return any(g == group and c == creator for g, c, _ in safe)
+        if element < 0x1000:
+            return False
+        creator_tag = group << 16 | element >> 8
+        if creator_tag not in ds:
+            return False
+        return (group, _text(ds[creator_tag].value), element & 0xFF) in safe

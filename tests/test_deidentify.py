@@ -1,0 +1,173 @@
+"""De-identification as pure functions, on real DICOM files seeded with canary PHI."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from datetime import UTC, date, datetime
+
+import pytest
+from pydicom import dcmread
+
+from schemas.blobs import LocalBlobStore, instance_key
+from schemas.deid import AnnexETableError, load_annex_e, strictest
+from schemas.events import CompletionReason, InstanceRef, StudyAssembled, trace_id_for
+from schemas.deid.engine import Quarantined, deidentify_instance
+from schemas.deid.keys import DeidKeys
+from schemas.deid.policy import PolicyError, parse_policy
+from streams.deidentify import run
+from streams.phi_scan import scan_blob, scan_event
+from tests.deid_fixtures import CANARIES, REAL_FILES, STUDY_UID, real_path, seeded_bytes
+
+KEYS = DeidKeys(bytes(range(32)))
+FULL = parse_policy({"defaults": {
+    "options": ["retain_longitudinal_modified_dates", "retain_patient_characteristics", "clean_descriptors"],
+    "keep_uid_prefixes": ["1.2.840.10008."], "burned_in_modalities": ["US"],
+    "burned_in_sop_classes": ["1.2.840.10008.5.1.4.1.1.7"]}}).defaults
+BASIC = parse_policy({"defaults": {"burned_in_modalities": ["US"]}}).defaults
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def pixels(data: bytes) -> bytes:
+    return dcmread(io.BytesIO(data)).PixelData
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+@pytest.mark.parametrize("policy", [FULL, BASIC], ids=["all-options", "basic-profile"])
+def test_canaries_in_every_attribute_type_are_gone_and_pixels_are_untouched(name, policy) -> None:
+    seeded = seeded_bytes(name)
+    assert scan_blob(seeded, "input", CANARIES, policy), "the seeded input must show the canaries"
+    result = deidentify_instance(seeded, policy, KEYS)
+    assert scan_blob(result.data, "output", CANARIES, policy) == []
+    assert pixels(result.data) == pixels(seeded)
+    out = dcmread(io.BytesIO(result.data))
+    assert out.PatientIdentityRemoved == "YES"
+    codes = [item.CodeValue for item in out.DeidentificationMethodCodeSequence]
+    assert codes[0] == "113100" and all(item.CodingSchemeDesignator == "DCM" for item in out.DeidentificationMethodCodeSequence)
+    assert set(codes) == {"113100", "113105", "113107", "113108"} if policy is FULL else codes == ["113100"]
+    assert out.StudyInstanceUID == KEYS.uid(STUDY_UID) and out.StudyInstanceUID.startswith("2.25.")
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    assert out.PatientID == out.PatientName == result.patient_pseudonym
+
+
+def test_output_is_valid_dicom_for_dcmtk(tmp_path) -> None:
+    for name in ("CT_small.dcm", "RG1_UNCR.dcm", "MR_small_implicit.dcm"):
+        path = tmp_path / name
+        path.write_bytes(deidentify_instance(seeded_bytes(name), FULL, KEYS).data)
+        dump = subprocess.run(["/usr/bin/dcmdump", "-q", "+L", str(path)], capture_output=True, text=True, timeout=60)
+        assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+        assert "(0012,0062) CS [YES]" in dump.stdout and "113100" in dump.stdout
+        assert "CANARY" not in dump.stdout.upper()
+
+
+def test_options_decide_what_is_kept() -> None:
+    seeded = seeded_bytes("CT_small.dcm")
+    full = dcmread(io.BytesIO(deidentify_instance(seeded, FULL, KEYS).data))
+    basic = dcmread(io.BytesIO(deidentify_instance(seeded, BASIC, KEYS).data))
+    # Retain Patient Characteristics: age, sex and weight stay for the models
+    assert (full.PatientAge, full.PatientSex, str(full.PatientWeight)) == ("045Y", "F", "61.5")
+    assert "PatientAge" not in basic and basic.PatientSex == ""
+    # Modified dates: every date moves by the same per-patient shift, intervals survive
+    shift = date(2011, 2, 3) - datetime.strptime(full.StudyDate, "%Y%m%d").date()
+    assert shift.days > 0
+    assert date(1977, 7, 7) - datetime.strptime(full.PatientBirthDate, "%Y%m%d").date() == shift
+    assert full.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert basic.StudyDate == "" and basic.LongitudinalTemporalInformationModified == "REMOVED"
+    # Clean Descriptors keeps vocabulary, drops the rest; without it descriptions go
+    assert full.StudyDescription == "CT HEAD W CONTRAST" and full.SeriesDescription == "AXIAL 5MM"
+    assert "StudyDescription" not in basic
+    # private attributes: removed (no safe-list); standard UIDs kept
+    assert not any(tag.is_private for tag in full.keys()) and full.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_private_safe_list_keeps_only_listed_private_attributes() -> None:
+    policy = parse_policy({"defaults": {"private_safe": [{"group": "0x0029", "creator": "CANARYCREATOR",
+                                                          "element": "0x01"}]}}).defaults
+    out = dcmread(io.BytesIO(deidentify_instance(seeded_bytes("CT_small.dcm"), policy, KEYS).data))
+    assert out[0x00291001].value == "CANARYPRIVATE value"
+    assert [t for t in out.keys() if t.is_private] == [0x00290010, 0x00291001]
+    assert "113111" in [item.CodeValue for item in out.DeidentificationMethodCodeSequence]
+
+
+def test_same_key_same_uids_and_pseudonym_other_key_other_everything() -> None:
+    seeded = seeded_bytes("MR_small.dcm")
+    first, again = deidentify_instance(seeded, FULL, KEYS), deidentify_instance(seeded, FULL, DeidKeys(bytes(range(32))))
+    assert first.data == again.data
+    other = deidentify_instance(seeded, FULL, DeidKeys(b"\x01" * 32))
+    assert other.study_uid != first.study_uid and other.patient_pseudonym != first.patient_pseudonym
+    assert len(first.sop_instance_uid) <= 64 and len(KEYS.uid("1." * 31 + "1")) <= 64
+
+
+@pytest.mark.parametrize(("modality", "flag", "quarantined"), [
+    ("CT", "YES", True), ("US", None, True), ("US", "NO", False), ("CT", None, False),
+])
+def test_burned_in_annotation_is_quarantined_never_passed_silently(modality, flag, quarantined) -> None:
+    ds = dcmread(io.BytesIO(seeded_bytes("CT_small.dcm")))
+    ds.Modality = modality
+    if flag:
+        ds.BurnedInAnnotation = flag
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    if quarantined:
+        with pytest.raises(Quarantined, match="BurnedInAnnotation"):
+            deidentify_instance(buf.getvalue(), FULL, KEYS)
+    else:
+        assert deidentify_instance(buf.getvalue(), FULL, KEYS).modality == modality
+
+
+def test_secondary_capture_without_the_flag_is_quarantined_unless_a_site_rule_says_safe() -> None:
+    sc = real_path("JPEG2000.dcm").read_bytes()  # a real secondary capture
+    with pytest.raises(Quarantined, match="SOP class"):
+        deidentify_instance(sc, FULL, KEYS)
+    safe = parse_policy({"defaults": {"burned_in_sop_classes": ["1.2.840.10008.5.1.4.1.1.7"],
+                                      "burned_in_safe": [{"id": "pacs-sc", "sop_class": "1.2.840.10008.5.1.4.1.1.7"}]}})
+    result = deidentify_instance(sc, safe.defaults, KEYS)
+    assert pixels(result.data) == pixels(sc)
+
+
+def test_study_run_writes_deid_blobs_publishes_link_only_in_identified_zone(tmp_path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    refs = []
+    for index, name in enumerate(("CT_small.dcm", "693_UNCR.dcm", "JPEG2000.dcm")):
+        sop = f"{STUDY_UID}.1.{index + 1}"
+        data = seeded_bytes(name, sop_uid=sop) if name != "JPEG2000.dcm" else real_path(name).read_bytes()
+        blob = store.put(instance_key(STUDY_UID, STUDY_UID + ".1", sop), data)
+        refs.append(InstanceRef(sop_instance_uid=sop, series_uid=STUDY_UID + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                                transfer_syntax_uid="1.2.840.10008.1.2.1", blob_uri=blob.uri, blob_size=blob.size))
+    study = StudyAssembled(
+        trace_id=trace_id_for(STUDY_UID), study_uid=STUDY_UID, version=2, source_site="SITE_A", instance_count=3,
+        modalities=["CT"], body_parts=[], series=[], instances=refs, first_received_at=T0, last_received_at=T0,
+        assembled_at=T0, completion_reason=CompletionReason.QUIET_PERIOD_ELAPSED, patient_id="CANARYID-0001",
+        patient_name="CANARYPN^ALICE")
+    policy = parse_policy({"defaults": {"options": ["retain_patient_characteristics", "clean_descriptors"],
+                                        "burned_in_sop_classes": ["1.2.840.10008.5.1.4.1.1.7"]}})
+    outcome = run(study, store, policy, KEYS, T0)
+    event, link = outcome.deidentified, outcome.link
+    assert event.instance_count == 2 and event.version == 2 and event.study_uid == KEYS.uid(STUDY_UID)
+    assert [q.reason for q in outcome.quarantined] == ["burned_in_phi"] and outcome.quarantined[0].payload_uri == refs[2].blob_uri
+    identifying = [*CANARIES, study.trace_id, *(r.sop_instance_uid for r in refs)]
+    assert scan_event(event, "study.deidentified", identifying) == []
+    assert all("/deid/" in ref.blob_uri and scan_blob(store.get(ref.blob_uri), ref.blob_uri, identifying, policy.defaults) == []
+               for ref in event.instances)
+    assert (link.study_uid, link.deid_study_uid, link.trace_id, link.deid_trace_id) == (
+        STUDY_UID, event.study_uid, study.trace_id, event.trace_id)
+    assert link.patient_pseudonym == event.patient_pseudonym and event.patient_age == "045Y"
+
+
+def test_annex_e_table_is_data_and_is_validated() -> None:
+    table = {entry.tag: entry for entry in load_annex_e()}
+    assert len(table) > 600
+    assert table["0010,0010"].basic == "Z" and table["0020,000D"].basic == "U" and table["0010,1010"].options["rtn_pat_chars"] == "K"
+    assert strictest("X/Z/U*") == "X" and strictest("Z/D") == "D"
+    header = "tag,keyword,vr,basic,rtn_long_modif_dates,rtn_pat_chars,clean_desc\n"
+    with pytest.raises(AnnexETableError, match="unknown basic action 'Q'"):
+        load_annex_e(header + "\"0010,0010\",PatientName,PN,Q,,,\n")
+
+
+def test_invalid_policy_fails_at_load_naming_the_key() -> None:
+    with pytest.raises(PolicyError, match=r"\[sites.SITE_B\] options \['retain_everything'\] unknown"):
+        parse_policy({"sites": {"SITE_B": {"options": ["retain_everything"]}}})
+    with pytest.raises(PolicyError, match="private_safe entry 1"):
+        parse_policy({"defaults": {"private_safe": [{"group": "0x0010", "creator": "X", "element": "0x10"}]}})
+    with pytest.raises(PolicyError, match="matches everything"):
+        parse_policy({"defaults": {"burned_in_safe": [{"id": "all"}]}})
