@@ -245,6 +245,7 @@ def _cell(value: Any) -> str:
 WORKLIST_COLUMNS = (
     ("priority", "priority"), ("received_at", "received"), ("accession_number", "accession"),
     ("modality", "mod"), ("body_part", "body part"), ("study_description", "description"),
+    ("reason_for_exam", "indication"),
     ("subspecialty", "subspecialty"), ("source_site", "site"), ("instance_count", "inst"),
     ("status", "status"), ("study_uid", "study"), ("reasons", "reasons"),
 )
@@ -521,6 +522,42 @@ def topics_tail(ctx: click.Context, topic: str, decode: bool, from_beginning: bo
     finally:
         consumer.close()
     return 0
+
+
+# ---------------------------------------------------------------- PHI scan
+
+
+@cli.command("phi-scan")
+@config_option
+@click.option("--canaries", "canary_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="file with one PHI canary value per line")
+@click.option("--topic", "topic_names", multiple=True,
+              help="topic (suffix or full name) to scan [default: every de-identified topic]")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_context
+def phi_scan(ctx: click.Context, canary_file: Path, topic_names: Sequence[str], as_json: bool) -> int:
+    """Scan de-identified topics and blobs for PHI canaries and attributes the profile removes.
+
+    Exit code 1 when anything is found.
+    """
+    from schemas.blobs import open_blob_store
+    from schemas.topics import DEIDENTIFIED_TOPICS
+    from schemas.deid.policy import load_policy
+    from streams.phi_scan import load_canaries, scan
+
+    settings = _settings(ctx)
+    names = [t if t.startswith(settings.kafka.topic_prefix + ".") else settings.topic(t) for t in topic_names] \
+        or [spec.name(settings) for spec in DEIDENTIFIED_TOPICS]
+    report = scan(settings, load_canaries(canary_file), names, open_blob_store(settings),
+                  load_policy(settings.deid.policy_file))
+    if as_json:
+        click.echo(to_json({"events": report.events, "blobs": report.blobs, "findings": report.findings}))
+    else:
+        for finding in report.findings:
+            click.echo(f"{finding.where}  {finding.attribute}  {finding.problem}")
+        click.echo(f"phi-scan: {report.events} events on {', '.join(names)}, {report.blobs} blobs, "
+                   f"{len(report.findings)} findings")
+    return 1 if report.findings else 0
 
 
 # ---------------------------------------------------------------- entry point

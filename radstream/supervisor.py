@@ -671,6 +671,22 @@ def dicom_gateway_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def hl7_gateway_spec(settings: Settings) -> ChildSpec:
+    """The HL7 v2 MLLP listener for ORM^O01 orders and ADT updates (HL7 v2.5 Appendix C)."""
+    host, port = settings.bind_host, settings.hl7.port
+    return ChildSpec(
+        name="hl7-gateway",
+        argv=procs.python_module("gateways.hl7_mllp"),
+        ready=port_ready(host, port),
+        ports=[
+            PortClaim(port, "RADSTREAM_HL7_PORT", "the HL7 MLLP gateway", host),
+            PortClaim(settings.metrics.hl7_gateway_port, "RADSTREAM_METRICS_HL7_GATEWAY_PORT",
+                      "the HL7 gateway's metrics", host),
+        ],
+        summary=f"{host}:{port}  (HL7 v2 MLLP: {settings.hl7.message_types})",
+    )
+
+
 def objectstore_spec(settings: Settings) -> ChildSpec | None:
     """The embedded SeaweedFS, or a readiness check of ``blobs.s3_endpoint``; None with
     the local (test-only) blob backend."""
@@ -724,6 +740,7 @@ def default_specs(settings: Settings) -> list[ChildSpec]:
     return [
         *([store] if store else []),
         broker_spec(settings), warehouse_spec(settings), worker_spec(settings), dicom_gateway_spec(settings),
+        hl7_gateway_spec(settings),
     ]
 
 

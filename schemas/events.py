@@ -356,6 +356,7 @@ class WorklistUpdate(Record):
     body_part: str | None = None
     study_description: str | None = None
     institution_name: str | None = None
+    reason_for_exam: str | None = None  # from the joined HL7 order (OBR-31)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -400,6 +401,21 @@ class DeadLetter(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class StudyLink(Record):
+    """Identified zone only: which de-identified study is which original study."""
+
+    SCHEMA: ClassVar[str] = "study_link"
+    trace_id: str
+    study_uid: str
+    version: int
+    deid_study_uid: str
+    deid_trace_id: str
+    patient_pseudonym: str
+    source_site: str
+    linked_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
 class AssemblyTimer(Record):
     SCHEMA: ClassVar[str] = "assembly_timer"
     study_uid: str
@@ -421,5 +437,6 @@ EVENT_TYPES: dict[str, type[Record]] = {
         AuditEvent,
         DeadLetter,
         AssemblyTimer,
+        StudyLink,
     )
 }

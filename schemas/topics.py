@@ -24,6 +24,7 @@ from schemas.events import (
     RoutingDecision,
     StudyAssembled,
     StudyDeidentified,
+    StudyLink,
     WorklistUpdate,
 )
 from schemas.settings import Settings
@@ -54,6 +55,16 @@ AUDIT = TopicSpec("audit", AuditEvent, "trace_id")
 DEAD_LETTER = TopicSpec("deadletter", DeadLetter, "key")
 #: internal: clock ticks for open studies, co-partitioned with instance.received
 ASSEMBLY_TIMER = TopicSpec("assembly.timer", AssemblyTimer, "study_uid", retention_ms=3_600_000)
+#: internal: assembled studies re-keyed by accession number, co-partitioned with order.received
+STUDY_BY_ACCESSION = TopicSpec("orders.study-by-accession", StudyAssembled, "accession_number")
+#: an order joined to a study (``study_uid`` and the study's ``trace_id`` set), keyed by study for routing
+STUDY_ORDER = TopicSpec("study.order", OrderReceived, "study_uid")
+#: identified zone: original study UID <-> de-identified study UID, read by the worklist sink only
+STUDY_LINK = TopicSpec("study.link", StudyLink, "study_uid")
+#: identified zone: instances held back by de-identification (possible burned-in PHI), with the reason
+DEID_QUARANTINE = TopicSpec("deid.quarantine", DeadLetter, "key")
+#: the de-identified zone: every event here must be free of PHI (``radstream phi-scan`` checks)
+DEIDENTIFIED_TOPICS: tuple[TopicSpec, ...] = (STUDY_DEIDENTIFIED,)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     INSTANCE_RECEIVED,
@@ -68,6 +79,10 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     AUDIT,
     DEAD_LETTER,
     ASSEMBLY_TIMER,
+    STUDY_BY_ACCESSION,
+    STUDY_ORDER,
+    STUDY_LINK,
+    DEID_QUARANTINE,
 )
 
 

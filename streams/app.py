@@ -13,11 +13,11 @@ import faust
 
 from schemas.codec import Codec
 from schemas.settings import Settings
-from streams import assemble, offsets_compat, route, sink
+from streams import assemble, deidentify, offsets_compat, orders, route, sink
 from streams.context import StreamContext
 
 #: stages in pipeline order; de-identification, inference and priors slot in between
-STAGES = (assemble, route, sink)
+STAGES = (assemble, deidentify, orders, route, sink)
 
 
 def create_app(settings: Settings) -> tuple[faust.App, StreamContext]:

@@ -7,8 +7,10 @@ in the middle of a stream. Every matching rule is recorded in the decision's ``r
 so a reader or an auditor sees why a study got its priority (explainable routing).
 
 The subspecialty is taken from the first matching ``[[subspecialty]]`` rule; the
-priority is the most urgent of all matching ``[[priority]]`` rules. Clinical context
-(STAT orders), AI findings and the reader roster join this stage in later issues.
+priority is the most urgent of all matching ``[[priority]]`` rules. The study's HL7
+order, joined by :mod:`streams.orders` and read from ``study.order``, adds clinical
+context: a STAT order makes it at least URGENT and its reason for exam goes on the
+worklist. AI findings and the reader roster join this stage in later issues.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from schemas.events import Priority, RoutingDecision, RuleHit, StudyAssembled, WorklistUpdate
+from schemas.events import OrderReceived, Priority, RoutingDecision, RuleHit, StudyAssembled, WorklistUpdate
 
 _CONDITIONS = {"modality", "body_part", "description_matches", "source_site"}
 
@@ -148,8 +150,32 @@ def _priority(value: Any, rule_id: str, source: str) -> Priority:
         raise RuleError(f"{source}: rule {rule_id!r} priority {value!r} is not one of {[p.value for p in Priority]}") from None
 
 
-def route(study: StudyAssembled, rules: RuleSet, now) -> tuple[RoutingDecision, WorklistUpdate]:
-    """Decide priority and subspecialty of one study version; pure."""
+#: Order priorities (OBR-27 / TQ1-9, HL7 table 0027) and the priority they raise a study to at least.
+ORDER_PRIORITY_FLOOR = {"S": Priority.URGENT}  # S = STAT
+#: ORC-1 order controls (HL7 table 0119) after which the order no longer applies.
+ORDER_CANCELLED = frozenset({"CA", "DC", "OC"})
+
+
+def apply_order(order: OrderReceived | None, priority: Priority, reasons: list[RuleHit]) -> tuple[Priority, bool]:
+    """Clinical context of the study's HL7 order: a STAT order makes the study at least
+    URGENT. Returns the priority and whether the order applies (not cancelled)."""
+    if order is None:
+        return priority, False
+    if (order.order_control or "").upper() in ORDER_CANCELLED:
+        reasons.append(RuleHit(rule_id="order-cancelled", description=f"order {order.accession_number} was cancelled "
+                               f"(ORC-1 {order.order_control})", effect="order ignored"))
+        return priority, False
+    floor = ORDER_PRIORITY_FLOOR.get((order.priority or "").upper())
+    if floor is not None:
+        reasons.append(RuleHit(rule_id="order-stat", description="order priority STAT", effect=f"priority={floor.value}"))
+        if floor.rank < priority.rank:
+            priority = floor
+    return priority, True
+
+
+def route(study: StudyAssembled, rules: RuleSet, now,
+          order: OrderReceived | None = None) -> tuple[RoutingDecision, WorklistUpdate]:
+    """Decide priority and subspecialty of one study version, with its joined order if any; pure."""
     reasons: list[RuleHit] = []
     subspecialty = rules.default_subspecialty
     for rule in rules.subspecialty_rules:
@@ -163,11 +189,13 @@ def route(study: StudyAssembled, rules: RuleSet, now) -> tuple[RoutingDecision, 
             reasons.append(RuleHit(rule_id=rule.id, description=rule.description, effect=f"priority={rule.priority.value}"))
             if rule.priority.rank < priority.rank:
                 priority = rule.priority
+    priority, ordered = apply_order(order, priority, reasons)
     if not reasons:
         reasons.append(RuleHit(rule_id="defaults", description="no rule matched", effect=f"priority={priority.value}"))
     decision = RoutingDecision(
         trace_id=study.trace_id, study_uid=study.study_uid, version=study.version, priority=priority,
         subspecialty=subspecialty, reasons=reasons, routed_at=now,
+        required_license_state=order.patient_state if ordered else None,
     )
     worklist = WorklistUpdate(
         trace_id=study.trace_id, study_uid=study.study_uid, version=study.version,
@@ -178,6 +206,7 @@ def route(study: StudyAssembled, rules: RuleSet, now) -> tuple[RoutingDecision, 
         institution_name=study.institution_name, instance_count=study.instance_count,
         reasons=[f"{hit.rule_id}: {hit.effect}" for hit in reasons],
         received_at=study.first_received_at, assembled_at=study.assembled_at, routed_at=now,
+        reason_for_exam=order.reason_for_exam if ordered else None,
     )
     return decision, worklist
 
@@ -186,33 +215,71 @@ def route(study: StudyAssembled, rules: RuleSet, now) -> tuple[RoutingDecision, 
 
 
 def register(ctx) -> None:
-    """Attach the routing agent: study.assembled -> routing.decision + worklist.update."""
+    """Attach the routing agent: study.assembled + study.order -> routing.decision + worklist.update.
+
+    The agent keeps, per study, the latest version (without its instance list) and the
+    joined order in two tables, so an order that arrives after its study was routed
+    re-routes it: the same version's worklist row is replaced by one with a later
+    ``routed_at``. Studies and orders share one stream so the tables are written in order.
+    """
+    import base64
+
     from schemas.codec import DecodeError
     from schemas.events import utcnow
     from schemas.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
-    from schemas.topics import ROUTING_DECISION, STUDY_ASSEMBLED, WORKLIST_UPDATE
+    from schemas.topics import ROUTING_DECISION, STUDY_ASSEMBLED, STUDY_ORDER, WORKLIST_UPDATE
 
     log = get_logger("radstream.route")
     rules = load_rules(ctx.settings.routing.rules_file)  # invalid rules stop the worker at start
+    settings, codec = ctx.settings, ctx.codec
+    # study_uid -> base64 Avro of the latest StudyAssembled (instances dropped) / joined OrderReceived
+    studies = ctx.app.Table("route-studies", partitions=settings.kafka.partitions)
+    orders = ctx.app.Table("route-orders", partitions=settings.kafka.partitions)
+    source = ctx.app.topic(
+        STUDY_ASSEMBLED.name(settings), STUDY_ORDER.name(settings),
+        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+    )
 
-    @ctx.app.agent(ctx.topic(STUDY_ASSEMBLED), name="route")
+    def dump(event) -> str:
+        return base64.b64encode(codec.encode(event)).decode()
+
+    def load(text: str | None, kind):
+        return codec.decode(base64.b64decode(text), kind) if text else None
+
+    @ctx.app.agent(source, name="route")
     async def route_agent(stream) -> None:
         async for event in stream.events():
             try:
-                study = ctx.codec.decode(event.value, StudyAssembled)
+                decoded = codec.decode(event.value)
             except DecodeError as exc:
                 await ctx.dead_letter("route", "undecodable", str(exc), event)
                 continue
             try:
                 with STAGE_SECONDS.labels("route").time():
-                    decision, worklist = route(study, rules, utcnow())
+                    if isinstance(decoded, StudyAssembled):
+                        study, order = decoded, load(orders.get(decoded.study_uid), OrderReceived)
+                        known = load(studies.get(study.study_uid), StudyAssembled)
+                        if known is None or known.version <= study.version:
+                            studies[study.study_uid] = dump(study.replace(instances=[]))
+                    elif isinstance(decoded, OrderReceived) and decoded.study_uid:
+                        order = decoded
+                        orders[order.study_uid] = dump(order)
+                        study = load(studies.get(order.study_uid), StudyAssembled)
+                        if study is None:
+                            continue  # routed with this order when the study arrives
+                    else:
+                        await ctx.dead_letter("route", "unexpected_event",
+                                              f"{type(decoded).__name__} does not belong on {event.message.topic}", event)
+                        continue
+                    decision, worklist = route(study, rules, utcnow(), order)
             except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
-                log.exception("routing failed", trace_id=study.trace_id)
+                log.exception("routing failed", trace_id=getattr(decoded, "trace_id", None))
                 await ctx.dead_letter("route", "stage_error", f"{type(exc).__name__}: {exc}", event,
-                                      trace_id=study.trace_id)
+                                      trace_id=getattr(decoded, "trace_id", None))
                 continue
             await ctx.send(ROUTING_DECISION, decision)
             await ctx.send(WORKLIST_UPDATE, worklist)
             STAGE_EVENTS.labels("route", "ok").inc()
             log.info("study routed", trace_id=study.trace_id, version=study.version,
-                     priority=decision.priority.value, subspecialty=decision.subspecialty)
+                     priority=decision.priority.value, subspecialty=decision.subspecialty,
+                     order=order.accession_number if order else None)

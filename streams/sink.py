@@ -15,9 +15,9 @@ from collections import defaultdict
 from typing import Any
 
 from schemas.codec import DecodeError
-from schemas.events import Alert, DeadLetter, Record, RoutingDecision, StudyAssembled, WorklistUpdate
+from schemas.events import Alert, DeadLetter, OrderReceived, Record, RoutingDecision, StudyAssembled, WorklistUpdate
 from schemas.telemetry import SINK_ROWS, STAGE_EVENTS, get_logger
-from schemas.topics import ALERT, DEAD_LETTER, ROUTING_DECISION, STUDY_ASSEMBLED, WORKLIST_UPDATE
+from schemas.topics import ALERT, DEAD_LETTER, ORDER_RECEIVED, ROUTING_DECISION, STUDY_ASSEMBLED, WORKLIST_UPDATE
 
 log = get_logger("radstream.sink")
 
@@ -36,8 +36,9 @@ def rows_for(event: Record, partition: int = -1, offset: int = -1) -> list[tuple
             "institution_name": event.institution_name, "instance_count": event.instance_count,
             "status": event.status, "reasons": list(event.reasons),
             "received_at": event.received_at, "assembled_at": event.assembled_at, "routed_at": event.routed_at,
+            "reason_for_exam": event.reason_for_exam,
             # a later version always wins; within a version, the later update
-            "row_version": (event.version << 32) + int(event.routed_at.timestamp()),
+            "row_version": (event.version << 42) + int(event.routed_at.timestamp() * 1000),
         }
         return [("worklist", row)]
     if isinstance(event, StudyAssembled):
@@ -64,6 +65,16 @@ def rows_for(event: Record, partition: int = -1, offset: int = -1) -> list[tuple
             "study_uid": event.study_uid, "version": event.version, "trace_id": event.trace_id,
             "alert_type": event.alert_type, "severity": event.severity.value, "message": event.message,
             "finding_code": event.finding_code, "raised_at": event.raised_at,
+        })]
+    if isinstance(event, OrderReceived):  # every HL7 order/ADT message: orders without images stay visible
+        return [("orders", {
+            "accession_number": event.accession_number, "control_id": event.control_id,
+            "message_type": event.message_type, "trace_id": event.trace_id, "source_site": event.source_site,
+            "received_at": event.received_at, "order_control": event.order_control, "study_uid": event.study_uid,
+            "patient_id": event.patient_id, "patient_name": event.patient_name, "priority": event.priority,
+            "ordering_provider": event.ordering_provider, "reason_for_exam": event.reason_for_exam,
+            "procedure_code": event.procedure_code, "procedure_description": event.procedure_description,
+            "patient_location": event.patient_location, "patient_state": event.patient_state,
         })]
     if isinstance(event, DeadLetter):
         return [("dead_letters", {
@@ -111,7 +122,7 @@ def register(ctx) -> None:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    for spec in (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER):
+    for spec in (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER, ORDER_RECEIVED):
         _sink_agent(ctx, spec, write)
 
 

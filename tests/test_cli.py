@@ -24,7 +24,7 @@ from radstream.send import MAX_CONTEXTS, _Instance, batches
 from schemas.codec import Codec
 from schemas.events import InstanceReceived, trace_id_for, utcnow
 from schemas.settings import Settings
-from schemas.topics import INSTANCE_RECEIVED, key_of
+from schemas.topics import ALL_TOPICS, INSTANCE_RECEIVED, key_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_topics_list_shows_partitions_and_message_counts(broker: Settings, produ
             rows[cells[0]] = (int(cells[1]), int(cells[2]))
     assert rows[INSTANCE_RECEIVED.name(broker)] == (broker.kafka.partitions, 2)
     assert rows[broker.topic("audit")] == (broker.kafka.partitions, 0)
-    assert len(rows) == 12
+    assert len(rows) == len(ALL_TOPICS)
 
 
 def test_topics_tail_decodes_events_and_reports_undecodable_ones(broker: Settings, produced: InstanceReceived) -> None:

@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS worklist
     received_at       DateTime64(3, 'UTC'),
     assembled_at      DateTime64(3, 'UTC'),
     routed_at         DateTime64(3, 'UTC'),
-    row_version       UInt64 COMMENT 'version * 2^32 + routed_at seconds: later versions and later updates win'
+    row_version       UInt64 COMMENT 'version * 2^42 + routed_at in ms: later versions, then later updates, win'
 )
 ENGINE = ReplacingMergeTree(row_version)
 ORDER BY study_uid
