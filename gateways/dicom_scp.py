@@ -41,10 +41,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, open_blob_store, rejected_key
 from gateways.publisher import EventPublisher, PublishError
-from radstream import procs
 from schemas.events import InstanceReceived, trace_id_for, utcnow
-from schemas.telemetry import configure_logging, get_logger
-from schemas.settings import Settings, SettingsError, load_settings
+from schemas.process import start_component
+from schemas.settings import Settings
+from schemas.telemetry import get_logger
 from schemas.topics import INSTANCE_RECEIVED
 
 log = logging.getLogger("radstream.gateways.dicom_scp")
@@ -463,20 +463,10 @@ def serve(settings: Settings) -> int:
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    configure_logging(settings, "dicom-gateway")
+    settings = start_component("dicom-gateway", lambda s: [
+        (s.dicom.port, "the DICOM gateway"), (s.metrics.gateway_port, "the DICOM gateway's metrics")])
     if settings.log_level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    try:
-        procs.require_free(settings.bind_host, settings.dicom.port, "the DICOM gateway")
-        procs.require_free(settings.bind_host, settings.metrics.gateway_port, "the DICOM gateway's metrics")
-    except procs.PortInUseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return serve(settings)
 
 

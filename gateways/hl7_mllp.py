@@ -53,11 +53,11 @@ import hl7
 from prometheus_client import Counter, Histogram, start_http_server
 
 from gateways.publisher import EventPublisher, PublishError
-from radstream import procs
 from schemas.blobs import BlobStore, is_valid_uid, open_blob_store, sha256_hex
 from schemas.events import OrderReceived, trace_id_for, utcnow
-from schemas.settings import Settings, SettingsError, load_settings
-from schemas.telemetry import configure_logging, get_logger
+from schemas.process import start_component
+from schemas.settings import Settings
+from schemas.telemetry import get_logger
 from schemas.topics import ORDER_RECEIVED
 
 log = logging.getLogger("radstream.gateways.hl7_mllp")
@@ -659,18 +659,8 @@ def serve(settings: Settings) -> int:
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    configure_logging(settings, "hl7-gateway")
-    try:
-        procs.require_free(settings.bind_host, settings.hl7.port, "the HL7 MLLP gateway")
-        procs.require_free(settings.bind_host, settings.metrics.hl7_gateway_port, "the HL7 gateway's metrics")
-    except procs.PortInUseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = start_component("hl7-gateway", lambda s: [
+        (s.hl7.port, "the HL7 MLLP gateway"), (s.metrics.hl7_gateway_port, "the HL7 gateway's metrics")])
     return serve(settings)
 
 

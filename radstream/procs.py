@@ -17,11 +17,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from schemas.process import PortInUseError, port_is_free, require_free  # noqa: F401  (re-exported)
+
 _PR_SET_PDEATHSIG = 1
-
-
-class PortInUseError(RuntimeError):
-    """A port radstream must listen on is already taken."""
 
 
 def tansu_path() -> Path:
@@ -38,21 +36,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def require_free(host: str, port: int, what: str) -> None:
-    if port and not port_is_free(host, port):
-        raise PortInUseError(f"{what} cannot listen on {host}:{port}: the port is already in use")
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

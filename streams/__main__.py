@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from schemas.settings import SettingsError, load_settings
-from schemas.telemetry import configure_logging, get_logger, serve_metrics
+from schemas.process import start_component
+from schemas.telemetry import get_logger, serve_metrics
 from schemas.topics import ensure_topics
 
 
@@ -19,12 +19,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] != ["worker"]:
         print("usage: python -m streams worker", file=sys.stderr)
         return 2
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    configure_logging(settings, "worker")
+    settings = start_component("worker", lambda s: [(s.metrics.worker_port, "the worker's metrics")])
     log = get_logger("radstream.worker")
     from streams.app import create_app  # after logging: Faust logs at import
 

@@ -23,7 +23,6 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from radstream import procs
 from radstream.send import send_files
 from schemas.settings import Settings
 from schemas.warehouse import connect, current_worklist

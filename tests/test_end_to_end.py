@@ -22,7 +22,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from radstream import procs
 from schemas.settings import Settings
 from schemas.warehouse import current_worklist, query_rows
 

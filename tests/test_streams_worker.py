@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from radstream import procs
 from schemas.codec import Codec
-from schemas.events import DeadLetter, InstanceReceived, Priority, StudyAssembled, WorklistUpdate, trace_id_for, utcnow
+from schemas.events import InstanceReceived, Priority, trace_id_for, utcnow
 from schemas.settings import Settings
 from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, STUDY_ASSEMBLED, WORKLIST_UPDATE, key_of, producer_config
 
