@@ -401,22 +401,17 @@ def _metadata(settings: Settings, timeout_s: float) -> Any:
 @click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True)
 @click.pass_context
 def topics_list(ctx: click.Context, show_all: bool, timeout_s: float) -> int:
-    """Topics with partition and message counts (sum of high watermarks)."""
-    from confluent_kafka import TopicPartition
+    """Topics with partition and message counts (sum of exact end offsets)."""
     from rich.table import Table
 
-    from schemas.topics import ALL_TOPICS
+    from schemas.topics import ALL_TOPICS, end_offsets
 
     settings = _settings(ctx)
     metadata = _metadata(settings, timeout_s)
     prefix = settings.kafka.topic_prefix + "."
     names = sorted(n for n in metadata.topics if show_all or n.startswith(prefix))
-    partitions = [TopicPartition(n, pid) for n in names for pid in sorted(metadata.topics[n].partitions)]
-    consumer = _consumer(settings)
-    try:
-        ends = high_watermarks(consumer, partitions, timeout_s)
-    finally:
-        consumer.close()
+    partitions = [(n, pid) for n in names for pid in sorted(metadata.topics[n].partitions)]
+    ends = end_offsets(settings.kafka_bootstrap, partitions, timeout_s)
     table = Table("topic", "partitions", "messages")
     for name in names:
         total = sum(end for (topic, _pid), end in ends.items() if topic == name)
@@ -427,39 +422,6 @@ def topics_list(ctx: click.Context, show_all: bool, timeout_s: float) -> int:
     if missing:
         console.print(f"missing: {', '.join(missing)} (radstream up creates them)", highlight=False)
     return 0
-
-
-def high_watermarks(consumer: Any, partitions: Sequence[Any], timeout_s: float) -> dict[tuple[str, int], int]:
-    """End offset of every partition.
-
-    Tansu 0.6 answers ListOffsets(latest) with the *base* offset of the last record
-    batch + 1, so a batch of 3 reads as 1 message. Fetch responses carry the true high
-    watermark: read each non-empty partition from its reported end - 1 to end-of-partition.
-    """
-    from confluent_kafka import KafkaError, TopicPartition
-
-    ends: dict[tuple[str, int], int] = {}
-    lows: dict[tuple[str, int], int] = {}
-    for tp in partitions:
-        low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-        lows[(tp.topic, tp.partition)], ends[(tp.topic, tp.partition)] = max(low, 0), max(high, 0)
-    pending = {key for key, high in ends.items() if high > lows[key]}
-    if not pending:
-        return ends
-    consumer.assign([TopicPartition(t, p, max(lows[(t, p)], ends[(t, p)] - 1)) for t, p in sorted(pending)])
-    deadline = time.monotonic() + timeout_s
-    while pending and time.monotonic() < deadline:
-        msg = consumer.poll(0.2)
-        if msg is None:
-            continue
-        key = (msg.topic(), msg.partition())
-        if msg.error() is None:
-            ends[key] = max(ends[key], msg.offset() + 1)
-        elif msg.error().code() == KafkaError._PARTITION_EOF:
-            ends[key] = max(ends[key], msg.offset())
-            pending.discard(key)
-    consumer.unassign()
-    return ends
 
 
 def resolve_topic(settings: Settings, existing: Sequence[str], topic: str) -> str:
@@ -481,16 +443,22 @@ def resolve_topic(settings: Settings, existing: Sequence[str], topic: str) -> st
 def topics_tail(ctx: click.Context, topic: str, decode: bool, from_beginning: bool,
                 max_messages: int | None, timeout_s: float | None) -> int:
     """Print messages of TOPIC: partition, offset, key (and the decoded event)."""
-    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+    from schemas.topics import end_offsets
 
     from schemas.codec import Codec, DecodeError
 
     settings = _settings(ctx)
     metadata = _metadata(settings, 10.0)
     name = resolve_topic(settings, list(metadata.topics), topic)
-    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    partitions = sorted(metadata.topics[name].partitions)
+    # "new messages only" starts at each partition's exact end (OFFSET_END trusts the
+    # broker's ListOffsets, which Tansu answers with the last batch's base offset + 1)
+    starts = ({pid: OFFSET_BEGINNING for pid in partitions} if from_beginning else
+              {p: end for (_, p), end in end_offsets(settings.kafka_bootstrap, [(name, p) for p in partitions]).items()})
     consumer = _consumer(settings)
-    consumer.assign([TopicPartition(name, pid, start) for pid in sorted(metadata.topics[name].partitions)])
+    consumer.assign([TopicPartition(name, pid, starts[pid]) for pid in partitions])
     codec = Codec(settings.kafka.schema_registry_url) if decode else None
     seen = 0
     last = time.monotonic()

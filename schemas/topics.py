@@ -9,6 +9,7 @@ at start.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from schemas.events import (
@@ -130,3 +131,40 @@ def producer_config(settings: Settings, **extra: object) -> dict[str, object]:
         "acks": "all",
         **extra,
     }
+
+
+def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """The offset after the last record of each ``(topic, partition)``, exactly.
+
+    Not ListOffsets(latest) alone: Tansu 0.6 answers it with the *base* offset of the
+    partition's last record batch + 1, so a batch of 3 records reads as 1. Fetch
+    responses carry the true high watermark, so each non-empty partition is read from
+    its reported end - 1 to end-of-partition. On Kafka that reads one record each.
+    """
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "radstream-end-offsets",
+                         "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 50})
+    try:
+        ends: dict[tuple[str, int], int] = {}
+        lows: dict[tuple[str, int], int] = {}
+        for topic, partition in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+            lows[(topic, partition)], ends[(topic, partition)] = max(low, 0), max(high, 0)
+        pending = {key for key, high in ends.items() if high > lows[key]}
+        if pending:
+            consumer.assign([TopicPartition(t, p, max(lows[(t, p)], ends[(t, p)] - 1)) for t, p in sorted(pending)])
+            deadline = time.monotonic() + timeout_s
+            while pending and time.monotonic() < deadline:
+                msg = consumer.poll(0.2)
+                if msg is None:
+                    continue
+                key = (msg.topic(), msg.partition())
+                if msg.error() is None:
+                    ends[key] = max(ends[key], msg.offset() + 1)
+                elif msg.error().code() == KafkaError._PARTITION_EOF:
+                    ends[key] = max(ends[key], msg.offset())
+                    pending.discard(key)
+        return ends
+    finally:
+        consumer.close()

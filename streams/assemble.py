@@ -152,9 +152,9 @@ def decide(progress: StudyProgress, now: datetime, quiet_period: timedelta, rete
            not_before: datetime | None = None) -> Action:
     """What the clock says about a study.
 
-    ``not_before`` is when this worker started: after a restart, backlog instances still
-    unread on the topic must get a chance to arrive before a study open at the crash is
-    declared complete.
+    ``not_before`` is when this worker's consumption (re)started: after a restart or a
+    rebalance, backlog instances still unread on the topic must get a chance to arrive
+    before a study open at the crash is declared complete.
     """
     quiet_since = max(progress.last_seen_at, not_before) if not_before else progress.last_seen_at
     if progress.pending:
@@ -244,7 +244,15 @@ def register(ctx) -> None:
     index: dict[str, set[str]] = {}
     # study_uid -> (state marker, when asked): the clock asks once per state change
     asked: dict[str, tuple[Any, datetime]] = {}
-    started_at = utcnow()
+    # Open studies restored from the changelog must not close before the instances still
+    # unread on the topic (the backlog of a crash) had their chance to arrive: the quiet
+    # period counts from when this worker last finished a rebalance (recovery done,
+    # consumption resuming), not from process start -- recovery can outlast it.
+    resumed = {"at": utcnow()}
+
+    @app.on_rebalance_complete.connect
+    async def _consumption_resumes(sender, **kwargs) -> None:
+        resumed["at"] = utcnow()
     # Instances and clock ticks share one stream, so a tick is processed in order with
     # the instances of its partition, and may modify the tables (Faust allows table
     # writes only inside stream iteration).
@@ -291,7 +299,7 @@ def register(ctx) -> None:
         if current is None:
             return
         progress = StudyProgress.from_dict(current)
-        action = decide(progress, now, quiet, retention, started_at)
+        action = decide(progress, now, quiet, retention, resumed["at"])
         if action is Action.ASSEMBLE:
             await emit(progress, now)
         elif action is Action.EXPIRE:
@@ -332,7 +340,7 @@ def register(ctx) -> None:
         now = utcnow()
         for study_uid, raw in list(studies.items()):
             progress = StudyProgress.from_dict(raw)
-            if decide(progress, now, quiet, retention, started_at) is Action.WAIT:
+            if decide(progress, now, quiet, retention, resumed["at"]) is Action.WAIT:
                 continue
             marker = (progress.last_seen_at, progress.version, progress.pending)
             previous = asked.get(study_uid)

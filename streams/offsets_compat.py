@@ -8,8 +8,7 @@ table -- an open study's last instances -- would be silently missing after a res
 while the source offsets that produced it are already committed.
 
 :func:`install` wraps Faust's highwater lookup: for each partition it reads from the
-reported end minus one (the start of the last batch on Tansu, the last record on Kafka)
-and takes the offset after the last record it finds. On a correct broker that reads one
+reported end minus one to end-of-partition (:func:`schemas.topics.end_offsets`). On a correct broker that reads one
 record per changelog partition and changes nothing. ``kafka.verify_end_offsets``
 switches it off.
 """
@@ -17,45 +16,27 @@ switches it off.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-
 from schemas.telemetry import get_logger
+from schemas.topics import end_offsets
 
 log = get_logger("radstream.offsets")
 
 _installed = False
 
 
-def true_end_offsets(bootstrap: str, reported: Mapping[Any, int], idle_s: float = 0.3,
-                     limit_s: float = 10.0) -> dict[Any, int]:
-    """``reported`` end offsets, corrected by reading each partition's last batch."""
-    ends = dict(reported)
-    start = {tp: end - 1 for tp, end in reported.items() if end and end > 0}
-    if not start:
-        return ends
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "radstream-end-offsets",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 50})
-    keys = {(tp.topic, tp.partition): tp for tp in start}
-    try:
-        consumer.assign([TopicPartition(tp.topic, tp.partition, offset) for tp, offset in start.items()])
-        deadline, last_seen = time.monotonic() + limit_s, time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - last_seen < idle_s:
-            msg = consumer.poll(0.05)
-            if msg is None or msg.error():
-                continue
-            last_seen = time.monotonic()
-            tp = keys[(msg.topic(), msg.partition())]
-            ends[tp] = max(ends[tp], msg.offset() + 1)
-    finally:
-        consumer.close()
-    for tp, end in ends.items():
-        if end != reported[tp]:
+def true_end_offsets(bootstrap: str, reported: Mapping[Any, int]) -> dict[Any, int]:
+    """``reported`` end offsets (keyed by Faust/aiokafka TopicPartition), made exact."""
+    keys = {(tp.topic, tp.partition): tp for tp in reported}
+    exact = end_offsets(bootstrap, list(keys))
+    ends = {}
+    for key, tp in keys.items():
+        ends[tp] = max(reported[tp] or 0, exact.get(key, 0))
+        if ends[tp] != reported[tp]:
             log.info("corrected changelog end offset", topic=tp.topic, partition=tp.partition,
-                     reported=reported[tp], actual=end)
+                     reported=reported[tp], actual=ends[tp])
     return ends
 
 
