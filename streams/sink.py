@@ -15,16 +15,34 @@ from collections import defaultdict
 from typing import Any
 
 from schemas.codec import DecodeError
-from schemas.events import Alert, DeadLetter, OrderReceived, Record, RoutingDecision, StudyAssembled, WorklistUpdate
+from schemas.events import (
+    Alert,
+    DeadLetter,
+    OrderReceived,
+    Record,
+    RoutingDecision,
+    StudyAssembled,
+    StudyLink,
+    WorklistUpdate,
+)
 from schemas.telemetry import SINK_ROWS, STAGE_EVENTS, get_logger
-from schemas.topics import ALERT, DEAD_LETTER, ORDER_RECEIVED, ROUTING_DECISION, STUDY_ASSEMBLED, WORKLIST_UPDATE
+from schemas.topics import (
+    ALERT,
+    DEAD_LETTER,
+    DEID_QUARANTINE,
+    ORDER_RECEIVED,
+    ROUTING_DECISION,
+    STUDY_ASSEMBLED,
+    STUDY_LINK,
+    WORKLIST_UPDATE,
+)
 
 log = get_logger("radstream.sink")
 
 Row = dict[str, Any]
 
 
-def rows_for(event: Record, partition: int = -1, offset: int = -1) -> list[tuple[str, Row]]:
+def rows_for(event: Record, partition: int = -1, offset: int = -1, topic: str = "") -> list[tuple[str, Row]]:
     """Warehouse rows ``(table, row)`` recording one event."""
     if isinstance(event, WorklistUpdate):
         row = {
@@ -60,6 +78,20 @@ def rows_for(event: Record, partition: int = -1, offset: int = -1) -> list[tuple
             "detail": {"priority": event.priority.value, "subspecialty": event.subspecialty,
                        "rules": ",".join(hit.rule_id for hit in event.reasons)},
         })]
+    if isinstance(event, StudyLink):
+        return [
+            ("study_links", {
+                "study_uid": event.study_uid, "version": event.version, "deid_study_uid": event.deid_study_uid,
+                "trace_id": event.trace_id, "deid_trace_id": event.deid_trace_id,
+                "patient_pseudonym": event.patient_pseudonym, "source_site": event.source_site,
+                "linked_at": event.linked_at,
+            }),
+            ("stage_events", {
+                "study_uid": event.study_uid, "version": event.version, "trace_id": event.trace_id,
+                "source_site": event.source_site, "stage": "deidentified", "started_at": event.linked_at,
+                "finished_at": event.linked_at, "detail": {"deid_trace_id": event.deid_trace_id},
+            }),
+        ]
     if isinstance(event, Alert):
         return [("alerts", {
             "study_uid": event.study_uid, "version": event.version, "trace_id": event.trace_id,
@@ -81,7 +113,7 @@ def rows_for(event: Record, partition: int = -1, offset: int = -1) -> list[tuple
             "failed_at": event.failed_at, "stage": event.stage, "reason": event.reason, "error": event.error,
             "trace_id": event.trace_id, "key": event.key, "source_topic": event.source_topic,
             "source_partition": event.source_partition, "source_offset": event.source_offset,
-            "payload_uri": event.payload_uri, "dlq_partition": partition, "dlq_offset": offset,
+            "payload_uri": event.payload_uri, "dlq_topic": topic, "dlq_partition": partition, "dlq_offset": offset,
         })]
     return []
 
@@ -122,13 +154,14 @@ def register(ctx) -> None:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    for spec in (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER, ORDER_RECEIVED):
+    for spec in (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER, ORDER_RECEIVED,
+                 STUDY_LINK, DEID_QUARANTINE):
         _sink_agent(ctx, spec, write)
 
 
 def _sink_agent(ctx, spec, write) -> None:
     settings = ctx.settings
-    is_dlq = spec is DEAD_LETTER
+    is_dlq = spec in (DEAD_LETTER, DEID_QUARANTINE)
 
     async def agent(stream) -> None:
         async for batch in stream.take_events(settings.worker.sink_batch_size, within=settings.worker.sink_batch_window_s):
@@ -143,7 +176,7 @@ def _sink_agent(ctx, spec, write) -> None:
                         log.error("undecodable dead letter", error=str(exc), offset=event.message.offset)
                     STAGE_EVENTS.labels("sink", "dead_letter").inc()
                     continue
-                rows.extend(rows_for(decoded, event.message.partition, event.message.offset))
+                rows.extend(rows_for(decoded, event.message.partition, event.message.offset, event.message.topic))
             if rows:
                 await write(group_rows(rows))
             STAGE_EVENTS.labels("sink", "ok").inc(len(batch))

@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from schemas.settings import Settings
-from schemas.warehouse import current_worklist, query_rows
+from schemas.warehouse import connect, current_worklist, query_rows
 
 pytestmark = pytest.mark.integration
 
@@ -129,9 +129,16 @@ def test_real_studies_sent_by_storescu_become_one_prioritised_row_each(runtime, 
 
     for study_uid in expected:
         stages = query_rows(settings, "stage_events_for_study", study_uid=study_uid)
-        assert [s["stage"] for s in stages] == ["received", "assembled", "routed"]
+        # de-identification and routing both follow assembly and run side by side
+        assert [s["stage"] for s in stages][:2] == ["received", "assembled"]
+        assert {s["stage"] for s in stages} == {"received", "assembled", "deidentified", "routed"}
         assert all(s["started_at"] <= s["finished_at"] for s in stages)
-        assert stages[0]["trace_id"] == stages[-1]["trace_id"] == by_study[study_uid]["trace_id"]
+        assert {s["trace_id"] for s in stages} == {by_study[study_uid]["trace_id"]}
+
+    # the identified zone knows which de-identified study each one became, and only it does
+    links = connect(settings).query("SELECT study_uid, deid_study_uid FROM study_links FINAL").result_rows
+    assert {uid for uid, _ in links} == set(expected)
+    assert all(deid.startswith("2.25.") and deid not in expected for _, deid in links)
 
     # Resending the same study changes nothing: one row per study, still version 1.
     assert storescu(settings, paths[:1]).returncode == 0

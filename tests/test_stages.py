@@ -167,3 +167,16 @@ def test_sink_rows_for_worklist_and_stages() -> None:
     assert stages == ["received", "assembled", "routed"]
     newer = rows_for(row.replace(version=2))[0][1]
     assert newer["row_version"] > worklist_row["row_version"]
+
+
+def test_sink_rows_for_a_study_link_and_a_quarantined_instance() -> None:
+    from schemas.events import DeadLetter, StudyLink
+
+    link = StudyLink(trace_id="t", study_uid="1.2.3", version=1, deid_study_uid="2.25.9", deid_trace_id="d",
+                     patient_pseudonym="P1", source_site="SITE_A", linked_at=T0)
+    (links, link_row), (stages, stage_row) = rows_for(link)
+    assert (links, link_row["deid_study_uid"]) == ("study_links", "2.25.9")
+    assert (stages, stage_row["stage"], stage_row["study_uid"]) == ("stage_events", "deidentified", "1.2.3")
+    letter = DeadLetter(stage="deidentify", reason="burned_in_phi", error="US", failed_at=T0)
+    (table, row), = rows_for(letter, 0, 7, "radstream.deid.quarantine")
+    assert (table, row["dlq_topic"], row["dlq_offset"]) == ("dead_letters", "radstream.deid.quarantine", 7)

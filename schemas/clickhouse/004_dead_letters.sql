@@ -1,4 +1,5 @@
--- Everything that could not be processed, with the reason, for operators.
+-- Everything that could not be processed, with the reason, for operators: dead letters
+-- and instances quarantined by de-identification (dlq_topic tells which).
 CREATE TABLE IF NOT EXISTS dead_letters
 (
     failed_at        DateTime64(3, 'UTC'),
@@ -11,8 +12,9 @@ CREATE TABLE IF NOT EXISTS dead_letters
     source_partition Nullable(Int32),
     source_offset    Nullable(Int64),
     payload_uri      Nullable(String),
+    dlq_topic        LowCardinality(String),
     dlq_partition    Int32,
     dlq_offset       Int64
 )
 ENGINE = ReplacingMergeTree
-ORDER BY (dlq_partition, dlq_offset)
+ORDER BY (dlq_topic, dlq_partition, dlq_offset)
