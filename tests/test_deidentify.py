@@ -70,7 +70,9 @@ def test_options_decide_what_is_kept() -> None:
     # Modified dates: every date moves by the same per-patient shift, intervals survive
     shift = date(2011, 2, 3) - datetime.strptime(full.StudyDate, "%Y%m%d").date()
     assert shift.days > 0
-    assert date(1977, 7, 7) - datetime.strptime(full.PatientBirthDate, "%Y%m%d").date() == shift
+    assert date(2011, 2, 4) - datetime.strptime(full.ContentDate, "%Y%m%d").date() == shift
+    # PS3.15 Table E.1-1: the birth date is not retained by that option (age is, below)
+    assert full.PatientBirthDate == ""
     assert full.LongitudinalTemporalInformationModified == "MODIFIED"
     assert basic.StudyDate == "" and basic.LongitudinalTemporalInformationModified == "REMOVED"
     # Clean Descriptors keeps vocabulary, drops the rest; without it descriptions go
