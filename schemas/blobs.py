@@ -65,6 +65,10 @@ class BlobStore(Protocol):
         a second put of the same key replaces the object."""
         ...
 
+    def uri_of(self, key: str) -> str:
+        """The claim-check URI of ``key`` in this store."""
+        ...
+
     def ref_for(self, key: str, data: bytes) -> BlobRef:
         """The reference ``put(key, data)`` returns, computed without storing anything:
         lets a gateway publish the claim check while the upload is still running."""
@@ -75,6 +79,10 @@ class BlobStore(Protocol):
         ...
 
     def exists(self, uri: str) -> bool:
+        ...
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key under ``prefix`` (for tools such as phi-scan; not for hot paths)."""
         ...
 
 
@@ -190,6 +198,17 @@ class LocalBlobStore:
 
     def exists(self, uri: str) -> bool:
         return self._path_from_uri(uri).is_file()
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return _local_keys(self.root, prefix)
+
+
+def _local_keys(root: Path, prefix: str) -> list[str]:
+    base = root / prefix if prefix else root
+    if not base.exists():
+        return []
+    paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file() and ".tmp" not in p.name)
+    return [p.relative_to(root).as_posix() for p in paths]
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -2,7 +2,7 @@
 
 Reads every event on every de-identified topic (:data:`schemas.topics.DEIDENTIFIED_TOPICS`
 unless told otherwise) from the beginning to the current end, decodes it, and opens
-every blob it references, plus every blob under the local store's ``deid/`` prefix. It
+every blob it references, plus every blob under the store's ``deid/`` prefix. It
 reports:
 
 * any value containing one of the given PHI canaries (case-insensitive), in any event
@@ -28,7 +28,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from schemas.blobs import BlobStore, LocalBlobStore
+from schemas.blobs import BlobStore
 from schemas.events import Record
 from schemas.settings import Settings
 from schemas.deid.engine import NotDicom, plan_for, read_dataset
@@ -214,10 +214,10 @@ def scan(settings: Settings, canaries: list[str], topics: list[str], store: Blob
                     report.findings.append(Finding(ref.blob_uri, "-", f"blob cannot be opened: {exc}"))
                     continue
                 report.findings += scan_blob(data, ref.blob_uri, canaries, site)
-    if isinstance(store, LocalBlobStore):  # blobs no event references still count
-        for path in sorted((store.root / "deid").rglob("*.dcm")):
-            if path.as_uri() not in seen:
-                seen.add(path.as_uri())
-                report.blobs += 1
-                report.findings += scan_blob(path.read_bytes(), path.as_uri(), canaries, policy.defaults)
+    for key in store.keys("deid/"):  # blobs no event references count too, on any store
+        uri = store.uri_of(key)
+        if uri not in seen:
+            seen.add(uri)
+            report.blobs += 1
+            report.findings += scan_blob(store.get(uri), uri, canaries, policy.defaults)
     return report

@@ -69,3 +69,25 @@ def test_encryption_at_rest_stores_ciphertext_and_reads_plaintext(objectstore: S
     assert b"CANARY" not in raw and len(raw) == len(payload) + 12 + 16
     with pytest.raises(BlobError, match="encryption_key is not set"):
         plain.get(ref.uri)
+
+
+def test_phi_scan_opens_deidentified_blobs_on_s3_that_no_event_references(objectstore: Settings) -> None:
+    """The scanner lists the store's deid/ prefix itself: an orphaned blob still counts."""
+    import io
+
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    from schemas.deid.policy import load_policy
+    from streams.phi_scan import scan
+
+    store = open_s3_store(objectstore)
+    ds = dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.PatientName = "CANARY^LEAKED"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    store.put("deid/2.25.1/2.25.2/2.25.3.dcm", buffer.getvalue())
+    report = scan(objectstore, ["CANARY^LEAKED"], topics=[], store=store, policy=load_policy())
+    assert report.blobs == 1
+    assert any(f.where == f"s3://{objectstore.blobs.bucket}/deid/2.25.1/2.25.2/2.25.3.dcm"
+               and "CANARY" in f.problem.upper() for f in report.findings), report.findings
