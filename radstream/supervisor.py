@@ -687,6 +687,23 @@ def hl7_gateway_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def stow_gateway_spec(settings: Settings) -> ChildSpec:
+    """The DICOMweb STOW-RS endpoint (PS3.18 10.5), HTTPS when ``stow.tls_cert``/``tls_key`` are set."""
+    host, port = settings.bind_host, settings.stow.port
+    scheme = "https" if settings.stow.tls_cert and settings.stow.tls_key else "http"
+    return ChildSpec(
+        name="stow-gateway",
+        argv=procs.python_module("gateways.stow_rs"),
+        ready=port_ready(host, port),
+        ports=[
+            PortClaim(port, "RADSTREAM_STOW_PORT", "the STOW-RS gateway", host),
+            PortClaim(settings.metrics.stow_gateway_port, "RADSTREAM_METRICS_STOW_GATEWAY_PORT",
+                      "the STOW-RS gateway's metrics", host),
+        ],
+        summary=f"{scheme}://{host}:{port}/dicomweb  (DICOMweb STOW-RS, bearer tokens)",
+    )
+
+
 def objectstore_spec(settings: Settings) -> ChildSpec | None:
     """The embedded SeaweedFS, or a readiness check of ``blobs.s3_endpoint``; None with
     the local (test-only) blob backend."""
@@ -740,7 +757,7 @@ def default_specs(settings: Settings) -> list[ChildSpec]:
     return [
         *([store] if store else []),
         broker_spec(settings), warehouse_spec(settings), worker_spec(settings), dicom_gateway_spec(settings),
-        hl7_gateway_spec(settings),
+        hl7_gateway_spec(settings), stow_gateway_spec(settings),
     ]
 
 

@@ -85,6 +85,18 @@ class DicomSettings(_Group):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(30.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    # Site identity and access (issue 3): a comma-separated string so that it travels
+    # unchanged through RADSTREAM_DICOM_SITE_MAP to the gateway process.
+    site_map: str = Field(
+        "", description="CALLING_AE=SITE,...: calling AE title -> source_site (unmapped: the AE title itself)"
+    )
+    allow_unknown_ae: bool = Field(
+        True, description="accept calling AE titles missing from site_map; false: A-ASSOCIATE-RJ reason 3 (PS3.8 9.3.4)"
+    )
+    require_called_ae: bool = Field(False, description="reject associations not addressed to ae_title (reason 7)")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain): the SCP speaks DICOM over TLS (PS3.15 B.1)")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(None, description="PEM CA bundle: senders must present a certificate it signed")
 
     @field_validator("ae_title")
     @classmethod
@@ -93,6 +105,35 @@ class DicomSettings(_Group):
         if "\\" in value or any(ord(c) < 0x20 for c in value) or not value.strip():
             raise ValueError("AE title must be 1-16 printable characters without backslash")
         return value.strip()
+
+    @field_validator("site_map")
+    @classmethod
+    def _site_map_pairs(cls, value: str) -> str:
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            ae, sep, site = (part.strip() for part in pair.partition("="))
+            if not sep or not site or not ae or len(ae) > 16 or "\\" in ae:
+                raise ValueError(f"must be AE_TITLE=SITE pairs (AE title 1-16 characters) separated by commas "
+                                 f"(bad pair {pair!r})")
+        return value
+
+    @field_validator("allow_unknown_ae")
+    @classmethod
+    def _allow_list_not_empty(cls, value: bool, info: Any) -> bool:
+        if not value and not _pairs_of(info.data.get("site_map") or ""):
+            raise ValueError("false would refuse every sender: list the allowed AE titles in dicom.site_map")
+        return value
+
+    @field_validator("tls_key", "tls_ca")
+    @classmethod
+    def _tls_needs_cert(cls, value: Path | None, info: Any) -> Path | None:
+        if value is not None and info.data.get("tls_cert") is None:
+            raise ValueError(f"{info.field_name} is set but dicom.tls_cert is not")
+        return value
+
+    def sites(self) -> dict[str, str]:
+        """Calling AE title (exact, padding stripped) -> site name."""
+        pairs = (p.partition("=") for p in self.site_map.split(",") if "=" in p)
+        return {ae.strip(): site.strip() for ae, _, site in pairs}
 
 
 class Hl7Settings(_Group):
@@ -147,6 +188,33 @@ class Hl7Settings(_Group):
 def _pairs_of(value: str) -> dict[str, str]:
     pairs = (p.partition("=") for p in value.split(",") if "=" in p)
     return {key.strip().upper(): mapped.strip() for key, _, mapped in pairs}
+
+
+class StowSettings(_Group):
+    """DICOMweb STOW-RS endpoint (PS3.18 10.5): HTTPS when both ``tls_cert`` and ``tls_key`` are set.
+
+    ``tokens`` (``TOKEN=SITE,...``) and ``tokens_file`` (TOML ``[tokens] "TOKEN" = "SITE"``)
+    map bearer tokens to the source site; with neither, every request is refused (401).
+    """
+
+    port: int = Field(8080, ge=1, le=65535)
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) for HTTPS")
+    tls_key: Path | None = Field(None, description="PEM private key for HTTPS")
+    tokens: SecretStr = Field(SecretStr(""), description="TOKEN=SITE,...: bearer token -> source_site")
+    tokens_file: Path | None = Field(None, description='TOML file with [tokens] "TOKEN" = "SITE"')
+    max_part_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="larger instances are refused (0xA700)")
+    max_body_bytes: int = Field(16 * 1024 * 1024 * 1024, ge=1024, description="larger requests are refused (413)")
+    parts_in_flight: int = Field(8, ge=1, description="instances of one request stored concurrently")
+    retry_after_s: int = Field(10, ge=1, description="Retry-After of a 503 while the broker is unreachable")
+
+    @field_validator("tokens")
+    @classmethod
+    def _token_pairs(cls, value: SecretStr) -> SecretStr:
+        for pair in filter(None, (p.strip() for p in value.get_secret_value().split(","))):
+            token, sep, site = pair.partition("=")
+            if not sep or not token.strip() or not site.strip():
+                raise ValueError("must be TOKEN=SITE pairs separated by commas")
+        return value
 
 
 class BlobSettings(_Group):
@@ -205,6 +273,7 @@ class MetricsSettings(_Group):
 
     gateway_port: int = Field(9464, ge=0, le=65535)
     hl7_gateway_port: int = Field(9466, ge=0, le=65535)
+    stow_gateway_port: int = Field(9467, ge=0, le=65535)
     worker_port: int = Field(9465, ge=0, le=65535)
 
 
@@ -228,6 +297,7 @@ _GROUPS: dict[str, type[_Group]] = {
     "warehouse": WarehouseSettings,
     "dicom": DicomSettings,
     "hl7": Hl7Settings,
+    "stow": StowSettings,
     "blobs": BlobSettings,
     "seaweedfs": SeaweedSettings,
     "assembly": AssemblySettings,
@@ -281,6 +351,7 @@ class Settings(BaseSettings):
     warehouse: WarehouseSettings = WarehouseSettings()
     dicom: DicomSettings = DicomSettings()
     hl7: Hl7Settings = Hl7Settings()
+    stow: StowSettings = StowSettings()
     blobs: BlobSettings = BlobSettings()
     seaweedfs: SeaweedSettings = SeaweedSettings()
     assembly: AssemblySettings = AssemblySettings()

@@ -47,8 +47,9 @@ def settings(tmp_path: Path) -> Settings:
         warehouse={"embedded_port": procs.free_port()},
         dicom={"port": procs.free_port()},
         hl7={"port": procs.free_port()},
+        stow={"port": procs.free_port()},
         worker={"web_port": procs.free_port()},
-        metrics={"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0},
+        metrics={"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0, "stow_gateway_port": 0},
         assembly={"quiet_period_s": 2.0, "scan_interval_s": 0.25},
     )
 

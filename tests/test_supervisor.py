@@ -328,7 +328,8 @@ def test_radstream_up_runs_the_whole_runtime_and_stops_clean(settings: Settings,
         run.wait_ready(timeout_s=120)
         up = _up_json(settings)
         pids = [child["pid"] for child in up["children"].values()]
-        assert set(up["children"]) == {"broker", "warehouse", "worker", "dicom-gateway", "hl7-gateway"}
+        assert set(up["children"]) == {"broker", "warehouse", "worker", "dicom-gateway", "hl7-gateway",
+                                           "stow-gateway"}
         assert f"RADSTREAM@127.0.0.1:{settings.dicom.port}" in run.stdout
 
         _wait_for(lambda: "studies on the worklist" in run.stdout, 120, "the demo's worklist", run.proc,
@@ -361,12 +362,13 @@ def test_sigkill_of_the_whole_runtime_leaves_no_process_or_port(settings: Settin
     try:
         run.wait_ready(timeout_s=120)
         children = _up_json(settings)["children"]
-        assert set(children) == {"broker", "warehouse", "worker", "dicom-gateway", "hl7-gateway"}
+        assert set(children) == {"broker", "warehouse", "worker", "dicom-gateway", "hl7-gateway",
+                                           "stow-gateway"}
         pids = [child["pid"] for child in children.values()]
         run.proc.send_signal(signal.SIGKILL)
         run.proc.wait(timeout=10)
         ports = [settings.kafka.embedded_port, settings.warehouse.embedded_port, settings.dicom.port,
-                 settings.worker.web_port, settings.hl7.port]
+                 settings.worker.web_port, settings.hl7.port, settings.stow.port]
         _assert_nothing_left(pids, ports, str(tmp_path), timeout_s=15)
     finally:
         run.kill()

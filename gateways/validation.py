@@ -1,0 +1,175 @@
+"""Checks every DICOM gateway applies to an instance before it is stored and published.
+
+Whatever protocol brought it (C-STORE, STOW-RS), an instance must be a complete PS3.10
+data set with valid Study, Series and SOP Instance UIDs (PS3.5 9.1), a storage SOP
+class this network accepts (PS3.4 Annex B) and a transfer syntax DICOM defines
+(PS3.5 Annex A). A refusal is an :class:`InvalidInstance` carrying the failure code the
+protocols share: the PS3.4 C-STORE status and the PS3.18 STOW-RS FailureReason
+(0008,1197) use the same numbers. The header helpers turn odd values (bad character
+sets, malformed IS) into ``None`` rather than errors: only the UIDs decide acceptance.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from enum import IntEnum
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+from pynetdicom import AllStoragePresentationContexts
+
+from schemas.blobs import is_valid_uid
+
+_INT32 = (-(2**31), 2**31 - 1)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Storage SOP classes (PS3.4 Annex B.5) this network accepts: every one pynetdicom knows.
+STORAGE_SOP_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
+
+
+class FailureReason(IntEnum):
+    """Failure codes shared by C-STORE statuses (PS3.4 B.2.3, PS3.7 C) and STOW-RS
+    FailureReason (0008,1197) values (PS3.18 Table 10.5.3-1 / I.2.2-1)."""
+
+    PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.1: an error on our side
+    SOP_CLASS_NOT_SUPPORTED = 0x0122  # Referenced SOP Class not supported
+    OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (retry later)
+    DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
+    CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # Referenced Transfer Syntax not supported
+    #: PS3.18 10.5.1 asks a study-level STOW to refuse instances of other studies without
+    #: assigning a code; 0xC409 is the one dcm4chee-arc answers with.
+    STUDY_UID_MISMATCH = 0xC409
+
+
+class InvalidInstance(Exception):
+    """An instance a gateway refuses: the failure code, a reason key, a message, the culprits."""
+
+    def __init__(self, code: FailureReason, reason: str, error: str, offending: Sequence[str] = ()) -> None:
+        super().__init__(error)
+        self.code, self.reason, self.error, self.offending = code, reason, error, tuple(offending)
+
+
+def read_instance(data: bytes) -> Dataset:
+    """The data set of a PS3.10 file (preamble, ``DICM``, file meta), checked to be complete.
+
+    pydicom reads a truncated file without complaint, returning short values; here an
+    element whose value is shorter than its length, or encapsulated pixel data without
+    its sequence delimiter, makes the instance :data:`FailureReason.CANNOT_UNDERSTAND`.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = dcmread(BytesIO(data))
+    except Exception as exc:
+        raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "undecodable",
+                              f"not a DICOM PS3.10 file: {exc}") from None
+    for tag in dataset.keys():
+        raw = dataset.get_item(tag)
+        if (isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH and raw.value is not None
+                and len(raw.value) < raw.length):
+            raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "truncated",
+                                  f"truncated: element {tag} has {len(raw.value)} of its {raw.length} bytes")
+    for warning in caught:
+        if "End of file reached" in str(warning.message):
+            raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "truncated", f"truncated: {warning.message}")
+    return dataset
+
+
+def instance_uids(header: Dataset) -> tuple[str, str, str, str]:
+    """Study, series, SOP instance and SOP class UIDs, each present and valid (PS3.5 9.1)."""
+    uids = []
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = header_text(header, keyword)
+        if value is None:
+            raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "missing_uid", f"{keyword} is missing", [keyword])
+        if not is_valid_uid(value):
+            raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "invalid_uid",
+                                  f"{keyword} {value!r} is not a valid UID (PS3.5 9.1)", [keyword])
+        uids.append(value)
+    return uids[0], uids[1], uids[2], uids[3]
+
+
+def check_storable(header: Dataset, sop_class_uid: str) -> str:
+    """The transfer syntax UID, once the SOP class is a storage class and the syntax a DICOM one."""
+    if sop_class_uid not in STORAGE_SOP_CLASSES:
+        raise InvalidInstance(FailureReason.SOP_CLASS_NOT_SUPPORTED, "unknown_sop_class",
+                              f"SOPClassUID {sop_class_uid} is not a storage SOP class this gateway accepts",
+                              ["SOPClassUID"])
+    transfer_syntax = header_text(getattr(header, "file_meta", Dataset()), "TransferSyntaxUID")
+    if transfer_syntax is None or not UID(transfer_syntax).is_transfer_syntax:
+        raise InvalidInstance(FailureReason.TRANSFER_SYNTAX_NOT_SUPPORTED, "unknown_transfer_syntax",
+                              f"TransferSyntaxUID {transfer_syntax!r} is not a DICOM transfer syntax (PS3.5 Annex A)",
+                              ["TransferSyntaxUID"])
+    media_sop = header_text(header.file_meta, "MediaStorageSOPInstanceUID")
+    if media_sop is not None and media_sop != header_text(header, "SOPInstanceUID"):
+        raise InvalidInstance(FailureReason.DATASET_MISMATCH, "sop_instance_mismatch",
+                              f"MediaStorageSOPInstanceUID {media_sop} differs from SOPInstanceUID "
+                              f"{header_text(header, 'SOPInstanceUID')} (PS3.10 7.1)", ["SOPInstanceUID"])
+    return transfer_syntax
+
+
+def instance_metadata(header: Dataset) -> dict[str, Any]:
+    """The optional ``InstanceReceived`` fields read from the header."""
+    texts = {
+        "modality": "Modality", "body_part_examined": "BodyPartExamined", "accession_number": "AccessionNumber",
+        "patient_id": "PatientID", "patient_name": "PatientName", "patient_birth_date": "PatientBirthDate",
+        "patient_sex": "PatientSex", "study_date": "StudyDate", "study_time": "StudyTime",
+        "study_description": "StudyDescription", "series_description": "SeriesDescription",
+        "institution_name": "InstitutionName", "referring_physician": "ReferringPhysicianName",
+        "burned_in_annotation": "BurnedInAnnotation",
+    }
+    ints = {
+        "series_number": "SeriesNumber", "instance_number": "InstanceNumber", "number_of_frames": "NumberOfFrames",
+        "rows": "Rows", "columns": "Columns", "expected_study_instances": "NumberOfStudyRelatedInstances",
+    }
+    return {**{field: header_text(header, kw) for field, kw in texts.items()},
+            **{field: header_int(header, kw) for field, kw in ints.items()}}
+
+
+def header_text(header: Dataset, keyword: str) -> str | None:
+    """A header value as clean text: padding stripped, odd character sets never fatal."""
+    try:
+        value = header.get(keyword)
+    except Exception:  # undecodable under its Specific Character Set: keep the raw bytes
+        value = _raw_value(header, keyword)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, MultiValue):
+            text = "\\".join(str(item) for item in value)
+        elif isinstance(value, bytes):
+            text = value.decode("latin-1", "replace")
+        else:
+            text = str(value)
+    except Exception:
+        raw = _raw_value(header, keyword)
+        text = raw.decode("latin-1", "replace") if raw is not None else ""
+    return text.strip(" \0") or None
+
+
+def header_int(header: Dataset, keyword: str) -> int | None:
+    try:
+        value = header.get(keyword)
+        if isinstance(value, MultiValue):
+            value = value[0] if value else None
+        if value is None or value == "":
+            return None
+        number = int(value)
+    except Exception:  # malformed IS/US values are not worth refusing an instance for
+        return None
+    return number if _INT32[0] <= number <= _INT32[1] else None
+
+
+def _raw_value(header: Dataset, keyword: str) -> bytes | None:
+    try:
+        raw = header.get_item(keyword)
+    except Exception:
+        return None
+    value = getattr(raw, "value", None)
+    return value if isinstance(value, bytes) else None
