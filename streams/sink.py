@@ -125,6 +125,14 @@ def group_rows(rows: list[tuple[str, Row]]) -> dict[str, list[Row]]:
     return tables
 
 
+def insert_rows(client, tables: dict[str, list[Row]]) -> None:
+    """Insert grouped rows with a clickhouse-connect client, one INSERT per table."""
+    for table, rows in tables.items():
+        columns = list(rows[0])
+        client.insert(table, [[row[c] for c in columns] for row in rows], column_names=columns)
+        SINK_ROWS.labels(table).inc(len(rows))
+
+
 def register(ctx) -> None:
     """Attach one sink agent per warehouse-bound topic to the Faust app."""
     from schemas.warehouse import connect
@@ -135,11 +143,7 @@ def register(ctx) -> None:
     def insert(tables: dict[str, list[Row]]) -> None:
         if "client" not in client_holder:
             client_holder["client"] = connect(settings)
-        client = client_holder["client"]
-        for table, rows in tables.items():
-            columns = list(rows[0])
-            client.insert(table, [[row[c] for c in columns] for row in rows], column_names=columns)
-            SINK_ROWS.labels(table).inc(len(rows))
+        insert_rows(client_holder["client"], tables)
 
     async def write(tables: dict[str, list[Row]]) -> None:
         delay = 0.5
