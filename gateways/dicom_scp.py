@@ -42,7 +42,6 @@ from typing import Any
 from prometheus_client import Counter, Histogram, start_http_server
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
@@ -50,6 +49,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateways.dicom_wire import IncompleteDataSet, NotADataSet, check_complete
+from gateways.validation import header_text, instance_metadata
 from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, open_blob_store, rejected_key
 from gateways.publisher import EventPublisher, PublishError
 from schemas.events import InstanceReceived, trace_id_for, utcnow
@@ -65,7 +65,6 @@ STAGE = "dicom-scp"
 #: Refused instances up to this size ride inline in the dead letter; larger ones are
 #: written to the blob store under ``rejected/`` and referenced by URI.
 INLINE_PAYLOAD_MAX = 64 * 1024
-_INT32 = (-(2**31), 2**31 - 1)
 
 
 class StoreStatus(IntEnum):
@@ -211,7 +210,7 @@ def _store(event: evt.Event, store: BlobStore, publisher: EventPublisher, receiv
         # A cut-short data set (e.g. a truncated deflate stream) says so; anything else is noise.
         raise _incompleteness(event) or Rejected(
             StoreStatus.CANNOT_UNDERSTAND, "undecodable", f"cannot parse the data set: {exc}") from None
-    if is_valid_uid(study_uid := _text(header, "StudyInstanceUID")):
+    if is_valid_uid(study_uid := header_text(header, "StudyInstanceUID")):
         received.study_uid = study_uid  # so a refusal below is keyed and traced by study
     # pydicom reads a cut-short value as a shorter one: check every declared length.
     if (incomplete := _incompleteness(event)) is not None:
@@ -274,7 +273,7 @@ def _validated_uids(header: Dataset, request: Any) -> tuple[str, str, str]:
     """The study, series and SOP instance UIDs, checked against PS3.5 9.1 and the request."""
     uids = {}
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        value = _text(header, keyword)
+        value = header_text(header, keyword)
         if value is None:
             raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "missing_uid", f"{keyword} is missing", [keyword])
         if not is_valid_uid(value):
@@ -298,13 +297,13 @@ def _validated_uids(header: Dataset, request: Any) -> tuple[str, str, str]:
 def instance_received(header: Dataset, blob: BlobRef, event: evt.Event, calling_ae: str,
                       source_site: str | None = None) -> InstanceReceived:
     """The ``InstanceReceived`` event for a validated header and its stored blob."""
-    study_uid = _text(header, "StudyInstanceUID") or ""
+    study_uid = header_text(header, "StudyInstanceUID") or ""
     return InstanceReceived(
         trace_id=trace_id_for(study_uid),
         study_uid=study_uid,
-        series_uid=_text(header, "SeriesInstanceUID") or "",
-        sop_instance_uid=_text(header, "SOPInstanceUID") or "",
-        sop_class_uid=_text(header, "SOPClassUID") or "",
+        series_uid=header_text(header, "SeriesInstanceUID") or "",
+        sop_instance_uid=header_text(header, "SOPInstanceUID") or "",
+        sop_class_uid=header_text(header, "SOPClassUID") or "",
         transfer_syntax_uid=str(event.context.transfer_syntax),
         blob_uri=blob.uri,
         blob_size=blob.size,
@@ -314,26 +313,7 @@ def instance_received(header: Dataset, blob: BlobRef, event: evt.Event, calling_
         received_at=utcnow(),
         calling_ae=calling_ae,
         called_ae=_called_ae(event),
-        modality=_text(header, "Modality"),
-        body_part_examined=_text(header, "BodyPartExamined"),
-        accession_number=_text(header, "AccessionNumber"),
-        patient_id=_text(header, "PatientID"),
-        patient_name=_text(header, "PatientName"),
-        patient_birth_date=_text(header, "PatientBirthDate"),
-        patient_sex=_text(header, "PatientSex"),
-        study_date=_text(header, "StudyDate"),
-        study_time=_text(header, "StudyTime"),
-        study_description=_text(header, "StudyDescription"),
-        series_description=_text(header, "SeriesDescription"),
-        institution_name=_text(header, "InstitutionName"),
-        referring_physician=_text(header, "ReferringPhysicianName"),
-        series_number=_int(header, "SeriesNumber"),
-        instance_number=_int(header, "InstanceNumber"),
-        number_of_frames=_int(header, "NumberOfFrames"),
-        rows=_int(header, "Rows"),
-        columns=_int(header, "Columns"),
-        expected_study_instances=_int(header, "NumberOfStudyRelatedInstances"),
-        burned_in_annotation=_text(header, "BurnedInAnnotation"),
+        **instance_metadata(header),
     )
 
 
@@ -380,54 +360,6 @@ def _encoded_instance(event: evt.Event, calling_ae: str) -> bytes:
 
 
 # ---------------------------------------------------------------- header values
-
-
-def _text(header: Dataset, keyword: str) -> str | None:
-    """A header value as clean text: padding stripped, odd character sets never fatal."""
-    try:
-        value = header.get(keyword)
-    except Exception:  # undecodable under its Specific Character Set: keep the raw bytes
-        value = _raw_value(header, keyword)
-    if value is None:
-        return None
-    try:
-        if isinstance(value, MultiValue):
-            text = "\\".join(str(item) for item in value)
-        elif isinstance(value, bytes):
-            text = value.decode("latin-1", "replace")
-        else:
-            text = str(value)
-    except Exception:
-        text = _raw_text(header, keyword) or ""
-    text = text.strip(" \0")
-    return text or None
-
-
-def _raw_value(header: Dataset, keyword: str) -> bytes | None:
-    try:
-        raw = header.get_item(keyword)
-    except Exception:
-        return None
-    value = getattr(raw, "value", None)
-    return value if isinstance(value, bytes) else None
-
-
-def _raw_text(header: Dataset, keyword: str) -> str | None:
-    raw = _raw_value(header, keyword)
-    return raw.decode("latin-1", "replace") if raw is not None else None
-
-
-def _int(header: Dataset, keyword: str) -> int | None:
-    try:
-        value = header.get(keyword)
-        if isinstance(value, MultiValue):
-            value = value[0] if value else None
-        if value is None or value == "":
-            return None
-        number = int(value)
-    except Exception:  # malformed IS/US values are not worth refusing an instance for
-        return None
-    return number if _INT32[0] <= number <= _INT32[1] else None
 
 
 def _calling_ae(event: evt.Event) -> str:
