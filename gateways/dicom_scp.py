@@ -49,7 +49,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateways.dicom_wire import IncompleteDataSet, NotADataSet, check_complete
-from gateways.validation import header_text, instance_metadata
+from gateways.validation import InvalidInstance, header_text, instance_metadata, instance_uids
 from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, open_blob_store, rejected_key
 from gateways.publisher import EventPublisher, PublishError
 from schemas.events import InstanceReceived, trace_id_for, utcnow
@@ -271,15 +271,12 @@ def _uploads() -> ThreadPoolExecutor:
 
 def _validated_uids(header: Dataset, request: Any) -> tuple[str, str, str]:
     """The study, series and SOP instance UIDs, checked against PS3.5 9.1 and the request."""
-    uids = {}
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        value = header_text(header, keyword)
-        if value is None:
-            raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "missing_uid", f"{keyword} is missing", [keyword])
-        if not is_valid_uid(value):
-            raise Rejected(StoreStatus.CANNOT_UNDERSTAND, "invalid_uid",
-                           f"{keyword} {value!r} is not a valid UID (PS3.5 9.1)", [keyword])
-        uids[keyword] = value
+    try:
+        study, series, instance, sop_class = instance_uids(header)
+    except InvalidInstance as exc:
+        raise Rejected(StoreStatus(int(exc.code)), exc.reason, exc.error, exc.offending) from None
+    uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance,
+            "SOPClassUID": sop_class}
     # PS3.4 B.2.1.x: the data set must be the instance the request announced.
     requested_instance = str(getattr(request, "AffectedSOPInstanceUID", "") or "").strip("\0 ")
     if uids["SOPInstanceUID"] != requested_instance:
