@@ -50,12 +50,13 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from gateways.dicom_wire import IncompleteDataSet, NotADataSet, check_complete
 from gateways.validation import InvalidInstance, header_text, instance_metadata, instance_uids
-from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, open_blob_store, rejected_key
+from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, rejected_key
+from adapters.blobs import open_blob_store
 from gateways.publisher import EventPublisher, PublishError
 from schemas.events import InstanceReceived, trace_id_for, utcnow
-from schemas.process import start_component
+from adapters.process import start_component
 from schemas.settings import Settings
-from schemas.telemetry import get_logger
+from adapters.telemetry import get_logger
 from schemas.topics import INSTANCE_RECEIVED
 
 log = logging.getLogger("radstream.gateways.dicom_scp")

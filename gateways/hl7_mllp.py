@@ -53,11 +53,12 @@ import hl7
 from prometheus_client import Counter, Histogram, start_http_server
 
 from gateways.publisher import EventPublisher, PublishError
-from schemas.blobs import BlobStore, is_valid_uid, open_blob_store, sha256_hex
+from schemas.blobs import BlobStore, is_valid_uid, sha256_hex
+from adapters.blobs import open_blob_store
 from schemas.events import OrderReceived, trace_id_for, utcnow
-from schemas.process import start_component
+from adapters.process import start_component
 from schemas.settings import Settings
-from schemas.telemetry import get_logger
+from adapters.telemetry import get_logger
 from schemas.topics import ORDER_RECEIVED
 
 log = logging.getLogger("radstream.gateways.hl7_mllp")

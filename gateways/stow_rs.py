@@ -55,11 +55,12 @@ from gateways.validation import (
     instance_uids,
     read_instance,
 )
-from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, open_blob_store, rejected_key
+from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, rejected_key
+from adapters.blobs import open_blob_store
 from schemas.events import InstanceReceived, trace_id_for, utcnow
-from schemas.process import start_component
+from adapters.process import start_component
 from schemas.settings import Settings, SettingsError
-from schemas.telemetry import get_logger
+from adapters.telemetry import get_logger
 from schemas.topics import INSTANCE_RECEIVED
 
 log = logging.getLogger("radstream.gateways.stow_rs")

@@ -38,7 +38,7 @@ def load_files() -> list[bytes]:
 
 
 def ours() -> Callable[[bytes], bytes]:
-    from schemas.deid.engine import deidentify_instance
+    from deid.engine import deidentify_instance
     from schemas.deid.keys import DeidKeys
     from schemas.deid.policy import load_policy
 

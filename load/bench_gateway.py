@@ -31,13 +31,15 @@ from pydicom.uid import generate_uid
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from schemas.blobs import BlobStore, open_blob_store
+from schemas.blobs import BlobStore
+from adapters.blobs import open_blob_store
 from gateways.dicom_scp import start_gateway
 from gateways.publisher import EventPublisher
 from radstream import procs
 from schemas.settings import Settings, load_settings
-from schemas.telemetry import configure_logging
-from schemas.topics import INSTANCE_RECEIVED, ensure_topics
+from adapters.telemetry import configure_logging
+from schemas.topics import INSTANCE_RECEIVED
+from adapters.kafka import ensure_topics
 
 STORESCU = "/usr/bin/storescu"
 CALLING_AE = "BENCH"
@@ -236,7 +238,7 @@ def _free_block(host: str, count: int) -> int:
 def _start_objectstore(settings: Settings, root: Path):
     """The embedded SeaweedFS as radstream up runs it; returns it and Tansu's S3 env."""
     from radstream import objectstore
-    from schemas.blobs_s3 import load_credentials
+    from adapters.s3 import load_credentials
 
     proc = objectstore.start_embedded(settings, root / "seaweedfs.log")
     return proc, objectstore.tansu_env(settings, load_credentials(settings))

@@ -27,7 +27,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from radstream import procs
 from schemas.settings import Settings, load_settings
-from schemas.topics import ORDER_RECEIVED, ensure_topics
+from schemas.topics import ORDER_RECEIVED
+from adapters.kafka import ensure_topics
 
 VT, FS_CR = b"\x0b", b"\x1c\r"
 

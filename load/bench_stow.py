@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 from load.orthanc_peer import start_orthanc
 from radstream import procs
 from schemas.settings import load_settings
-from schemas.topics import ensure_topics
+from adapters.kafka import ensure_topics
 
 TOKEN = "bench-token"
 BOUNDARY = "radstream-bench"

@@ -104,7 +104,7 @@ def cli(ctx: click.Context) -> None:
 def up(ctx: click.Context, demo: bool) -> int:
     """Start broker, warehouse, stream worker and DICOM gateway; stop them on Ctrl-C."""
     from radstream.supervisor import AlreadyRunningError, Supervisor
-    from schemas.telemetry import configure_logging
+    from adapters.telemetry import configure_logging
 
     settings = _settings(ctx)
     configure_logging(settings, "supervisor")
@@ -404,7 +404,8 @@ def topics_list(ctx: click.Context, show_all: bool, timeout_s: float) -> int:
     """Topics with partition and message counts (sum of exact end offsets)."""
     from rich.table import Table
 
-    from schemas.topics import ALL_TOPICS, end_offsets
+    from schemas.topics import ALL_TOPICS
+    from adapters.kafka import end_offsets
 
     settings = _settings(ctx)
     metadata = _metadata(settings, timeout_s)
@@ -445,7 +446,7 @@ def topics_tail(ctx: click.Context, topic: str, decode: bool, from_beginning: bo
     """Print messages of TOPIC: partition, offset, key (and the decoded event)."""
     from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-    from schemas.topics import end_offsets
+    from adapters.kafka import end_offsets
 
     from schemas.codec import Codec, DecodeError
 
@@ -508,10 +509,10 @@ def phi_scan(ctx: click.Context, canary_file: Path, topic_names: Sequence[str], 
 
     Exit code 1 when anything is found.
     """
-    from schemas.blobs import open_blob_store
+    from adapters.blobs import open_blob_store
     from schemas.topics import DEIDENTIFIED_TOPICS
     from schemas.deid.policy import load_policy
-    from streams.phi_scan import load_canaries, scan
+    from radstream.phi_scan import load_canaries, scan
 
     settings = _settings(ctx)
     names = [t if t.startswith(settings.kafka.topic_prefix + ".") else settings.topic(t) for t in topic_names] \

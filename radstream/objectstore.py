@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from schemas.blobs_s3 import S3Credentials
+from adapters.s3 import S3Credentials
 from schemas.settings import Settings
 
 #: weed flag -> offset from seaweedfs.port_base
@@ -96,7 +96,7 @@ def start_embedded(settings: Settings, log_path: Path | None = None):
     import time
 
     from radstream import procs
-    from schemas.blobs_s3 import ensure_embedded_credentials, open_s3_store
+    from adapters.s3 import ensure_embedded_credentials, open_s3_store
 
     credentials = ensure_embedded_credentials(settings)
     proc = procs.spawn(argv(settings), env={**os.environ, **env(credentials)}, log_path=log_path)

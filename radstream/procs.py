@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from schemas.process import PortInUseError, port_is_free, require_free  # noqa: F401  (re-exported)
+from adapters.process import PortInUseError, port_is_free, require_free  # noqa: F401  (re-exported)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -32,10 +34,50 @@ def tansu_path() -> Path:
     return path
 
 
+#: Every port :func:`free_port` and :func:`free_port_range` handed out in this process:
+#: neither ever hands out one of them again (a block must not contain a single port
+#: given earlier, nor a single port fall inside a block).
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A free TCP port that this process has not been handed before."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        with _handed_out_lock:
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("no free port that was not handed out already")
+
+
+def free_port_range(count: int, host: str = "127.0.0.1") -> int:
+    """The first of ``count`` consecutive free ports, none handed out before (SeaweedFS
+    opens a block of them). Blocks come from below the kernel's ephemeral range, so an
+    outgoing connection cannot take one of their ports between allocation and use."""
+    low, high = 20000, _ephemeral_start() - count
+    for _ in range(500):
+        base = random.randrange(low, max(low + 1, high))
+        block = set(range(base, base + count))
+        with _handed_out_lock:
+            if block & _handed_out:
+                continue
+        if all(port_is_free(host, port) for port in block):
+            with _handed_out_lock:
+                if not block & _handed_out:
+                    _handed_out.update(block)
+                    return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:

@@ -561,20 +561,15 @@ def _unlink(path: Path) -> Callable[[], None]:
 
 
 def _apply_ddl(settings: Settings) -> None:
-    try:
-        from schemas import warehouse
-    except ModuleNotFoundError as exc:
-        if exc.name != "schemas.warehouse":
-            raise
-        log.warning("schemas.warehouse is not there yet; skipping the warehouse DDL")
-        return
+    from adapters import warehouse
+
     warehouse.apply_ddl(settings)
     log.info("warehouse DDL applied")
 
 
 def broker_spec(settings: Settings) -> ChildSpec:
     """The embedded Tansu broker, or a readiness check of ``kafka.bootstrap``."""
-    from schemas.topics import ensure_topics
+    from adapters.kafka import ensure_topics
 
     def create_topics() -> None:
         created = ensure_topics(settings)
@@ -598,7 +593,7 @@ def broker_spec(settings: Settings) -> ChildSpec:
                 f"{settings.blobs.backend!r}: set RADSTREAM_KAFKA_STORAGE=memory://tansu/ or use the S3 backend"
             )
         from radstream.objectstore import tansu_env
-        from schemas.blobs_s3 import load_credentials
+        from adapters.s3 import load_credentials
 
         storage_env = tansu_env(settings, load_credentials(settings))
 
@@ -710,7 +705,7 @@ def objectstore_spec(settings: Settings) -> ChildSpec | None:
     if settings.blobs.backend != "s3":
         return None
     from radstream import objectstore
-    from schemas.blobs_s3 import S3BlobStore, ensure_embedded_credentials, load_credentials, open_s3_store
+    from adapters.s3 import S3BlobStore, ensure_embedded_credentials, load_credentials, open_s3_store
 
     def ensure_buckets() -> bool:
         store = open_s3_store(settings)
@@ -744,7 +739,7 @@ def objectstore_spec(settings: Settings) -> ChildSpec | None:
 
 
 def credentials_file(settings: Settings) -> Path:
-    from schemas.blobs_s3 import credentials_path
+    from adapters.s3 import credentials_path
 
     return credentials_path(settings)
 

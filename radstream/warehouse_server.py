@@ -641,7 +641,7 @@ def main() -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    from schemas.telemetry import configure_logging
+    from adapters.telemetry import configure_logging
 
     configure_logging(settings, "warehouse")
     settings.data_dir.mkdir(parents=True, exist_ok=True)

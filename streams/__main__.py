@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from schemas.process import start_component
-from schemas.telemetry import get_logger, serve_metrics
-from schemas.topics import ensure_topics
+from adapters.process import start_component
+from adapters.telemetry import get_logger, serve_metrics
+from adapters.kafka import ensure_topics
 
 
 def main(argv: list[str]) -> int:

@@ -228,7 +228,7 @@ def register(ctx) -> None:
     """Attach the assembly agent, its two tables and its clock to the Faust app."""
     from schemas.codec import DecodeError
     from schemas.events import AssemblyTimer, utcnow
-    from schemas.telemetry import STAGE_EVENTS, STAGE_SECONDS, STUDIES_ASSEMBLED, get_logger
+    from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, STUDIES_ASSEMBLED, get_logger
     from schemas.topics import ASSEMBLY_TIMER, INSTANCE_RECEIVED, STUDY_ASSEMBLED
 
     log = get_logger("radstream.assemble")

@@ -15,7 +15,7 @@ import faust
 from schemas.codec import Codec
 from schemas.events import DeadLetter, Record, utcnow
 from schemas.settings import Settings
-from schemas.telemetry import DEAD_LETTERS, get_logger
+from adapters.telemetry import DEAD_LETTERS, get_logger
 from schemas.topics import DEAD_LETTER, TopicSpec, key_of
 
 log = get_logger("radstream.streams")

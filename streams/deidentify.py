@@ -2,7 +2,7 @@
 
 Every instance blob of an assembled study is de-identified by the Basic Application
 Level Confidentiality Profile of DICOM PS3.15 Annex E with the site's options
-(:mod:`schemas.deid.engine`) and written under its own key prefix,
+(:mod:`deid.engine`) and written under its own key prefix,
 ``deid/{study}/{series}/{sop}.dcm`` in de-identified UIDs. The study event on
 study.deidentified, keyed by the de-identified study UID, carries no original UID, no
 patient identifier and no trace id computable from them: its ``trace_id`` is derived
@@ -32,7 +32,7 @@ from schemas.events import (
     StudyLink,
     trace_id_for,
 )
-from schemas.deid.engine import DeidentifiedInstance, NotDicom, Quarantined, deidentify_instance
+from deid.engine import DeidentifiedInstance, NotDicom, Quarantined, deidentify_instance
 from schemas.deid.keys import DeidKeys
 from schemas.deid.policy import Policy
 
@@ -119,10 +119,10 @@ def register(ctx) -> None:
     """Attach the de-identification agent: study.assembled -> study.deidentified + study.link."""
     import asyncio
 
-    from schemas.blobs import open_blob_store
+    from adapters.blobs import open_blob_store
     from schemas.codec import DecodeError
     from schemas.events import utcnow
-    from schemas.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
+    from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
     from schemas.topics import DEID_QUARANTINE, STUDY_ASSEMBLED, STUDY_DEIDENTIFIED, STUDY_LINK
     from schemas.deid.keys import load_keys
     from schemas.deid.policy import load_policy

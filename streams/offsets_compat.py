@@ -19,8 +19,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from schemas.telemetry import get_logger
-from schemas.topics import end_offsets
+from adapters.telemetry import get_logger
+from adapters.kafka import end_offsets
 
 log = get_logger("radstream.offsets")
 

@@ -98,7 +98,7 @@ def register(ctx) -> None:
     """Attach ``rekey`` (study.assembled -> orders.study-by-accession) and ``join``
     (order.received + orders.study-by-accession -> study.order)."""
     from schemas.codec import DecodeError
-    from schemas.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
+    from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
     from schemas.topics import ORDER_RECEIVED, STUDY_ASSEMBLED, STUDY_BY_ACCESSION, STUDY_ORDER
 
     log = get_logger("radstream.orders")

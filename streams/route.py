@@ -226,7 +226,7 @@ def register(ctx) -> None:
 
     from schemas.codec import DecodeError
     from schemas.events import utcnow
-    from schemas.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
+    from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
     from schemas.topics import ROUTING_DECISION, STUDY_ASSEMBLED, STUDY_ORDER, WORKLIST_UPDATE
 
     log = get_logger("radstream.route")

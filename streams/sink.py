@@ -25,7 +25,7 @@ from schemas.events import (
     StudyLink,
     WorklistUpdate,
 )
-from schemas.telemetry import SINK_ROWS, STAGE_EVENTS, get_logger
+from adapters.telemetry import SINK_ROWS, STAGE_EVENTS, get_logger
 from schemas.topics import (
     ALERT,
     DEAD_LETTER,
@@ -135,7 +135,7 @@ def insert_rows(client, tables: dict[str, list[Row]]) -> None:
 
 def register(ctx) -> None:
     """Attach one sink agent per warehouse-bound topic to the Faust app."""
-    from schemas.warehouse import connect
+    from adapters.warehouse import connect
 
     settings = ctx.settings
     client_holder: dict[str, Any] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from radstream import procs
 from schemas.settings import Settings, load_settings
-from schemas.topics import ensure_topics
+from adapters.kafka import ensure_topics
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +22,13 @@ def _no_radstream_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def free_port_range(count: int) -> int:
-    """The first of ``count`` consecutive free ports (SeaweedFS opens a block of them)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        if all(procs.port_is_free("127.0.0.1", base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports")
+    """The first of ``count`` consecutive free ports (SeaweedFS opens a block of them).
+
+    Every test port comes from :mod:`radstream.procs`' one allocator, which never hands
+    out a port twice: a block can no longer contain a port given singly (a fresh clone's
+    ``weed mini`` once got ``-s3.port=55597 ... -s3.port.lance=55597`` and exited 255).
+    """
+    return procs.free_port_range(count)
 
 
 @pytest.fixture

@@ -197,7 +197,7 @@ def warehouse(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
     """The embedded warehouse endpoint with the radstream DDL applied."""
     if not (REPO / "radstream" / "warehouse_server.py").exists():
         pytest.skip("radstream.warehouse_server is not there yet")
-    warehouse_mod = pytest.importorskip("schemas.warehouse")
+    warehouse_mod = pytest.importorskip("adapters.warehouse")
     proc = procs.spawn(procs.python_module("radstream.warehouse_server"), env=_env(settings),
                        log_path=tmp_path / "warehouse.log")
     try:

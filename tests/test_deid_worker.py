@@ -18,7 +18,8 @@ import pytest
 from pydicom import dcmread
 
 from radstream import procs
-from schemas.blobs import LocalBlobStore, instance_key
+from schemas.blobs import instance_key
+from adapters.blobs import LocalBlobStore
 from schemas.events import InstanceReceived, trace_id_for, utcnow
 from schemas.settings import Settings
 from schemas.topics import DEID_QUARANTINE, STUDY_DEIDENTIFIED, STUDY_LINK
@@ -34,7 +35,7 @@ _HALF = """
 import json, sys
 from pathlib import Path
 from schemas.settings import load_settings
-from schemas.deid.engine import deidentify_instance
+from deid.engine import deidentify_instance
 from schemas.deid.keys import load_keys
 from schemas.deid.policy import load_policy
 settings = load_settings(data_dir=sys.argv[1])

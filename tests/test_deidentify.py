@@ -9,14 +9,15 @@ from datetime import UTC, date, datetime
 import pytest
 from pydicom import dcmread
 
-from schemas.blobs import LocalBlobStore, instance_key
+from schemas.blobs import instance_key
+from adapters.blobs import LocalBlobStore
 from schemas.deid import AnnexETableError, load_annex_e, strictest
 from schemas.events import CompletionReason, InstanceRef, StudyAssembled, trace_id_for
-from schemas.deid.engine import Quarantined, deidentify_instance
+from deid.engine import Quarantined, deidentify_instance
 from schemas.deid.keys import DeidKeys
 from schemas.deid.policy import PolicyError, parse_policy
 from streams.deidentify import run
-from streams.phi_scan import scan_blob, scan_event
+from radstream.phi_scan import scan_blob, scan_event
 from tests.deid_fixtures import CANARIES, REAL_FILES, STUDY_UID, real_path, seeded_bytes
 
 KEYS = DeidKeys(bytes(range(32)))

@@ -23,11 +23,12 @@ from pynetdicom import AE, _config
 from gateways.dicom_scp import start_gateway
 from gateways.publisher import EventPublisher
 from radstream import procs
-from schemas.blobs import LocalBlobStore
+from adapters.blobs import LocalBlobStore
 from schemas.codec import Codec
 from schemas.events import DeadLetter
 from schemas.settings import Settings, load_settings
-from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, ensure_topics
+from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED
+from adapters.kafka import ensure_topics
 from tests.conftest import free_port_range
 from tests.test_dicom_gateway import (
     CALLING_AE,

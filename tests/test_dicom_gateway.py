@@ -27,20 +27,16 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from schemas.blobs import (
-    BlobNotFound,
-    InvalidBlobKey,
-    LocalBlobStore,
-    instance_key,
-    validate_key,
-)
+from schemas.blobs import BlobNotFound, InvalidBlobKey, instance_key, validate_key
+from adapters.blobs import LocalBlobStore
 from gateways.dicom_scp import start_gateway
 from gateways.publisher import EventPublisher
 from radstream import procs
 from schemas.codec import Codec
 from schemas.events import DeadLetter, InstanceReceived, Record, trace_id_for
 from schemas.settings import Settings
-from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, TopicSpec, ensure_topics
+from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, TopicSpec
+from adapters.kafka import ensure_topics
 
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"

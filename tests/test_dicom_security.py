@@ -30,9 +30,10 @@ from pynetdicom import AE
 from gateways.dicom_scp import start_gateway
 from gateways.publisher import EventPublisher
 from radstream import procs
-from schemas.blobs import LocalBlobStore
+from adapters.blobs import LocalBlobStore
 from schemas.settings import Settings
-from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, ensure_topics
+from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED
+from adapters.kafka import ensure_topics
 from tests.test_dicom_gateway import (
     ECHOSCU,
     STORESCU,

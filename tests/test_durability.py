@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 
 from radstream.send import send_files
 from schemas.settings import Settings
-from schemas.warehouse import connect, current_worklist
+from adapters.warehouse import connect, current_worklist
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from schemas.settings import Settings
-from schemas.warehouse import connect, current_worklist, query_rows
+from adapters.warehouse import connect, current_worklist, query_rows
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,8 @@ from radstream import procs
 from schemas.codec import Codec
 from schemas.events import DeadLetter, OrderReceived
 from schemas.settings import Settings, load_settings
-from schemas.topics import DEAD_LETTER, ORDER_RECEIVED, ensure_topics
+from schemas.topics import DEAD_LETTER, ORDER_RECEIVED
+from adapters.kafka import ensure_topics
 
 pytestmark = pytest.mark.integration
 

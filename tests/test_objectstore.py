@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from schemas.blobs import BlobError, BlobNotFound, instance_key
-from schemas.blobs_s3 import S3BlobStore, S3Credentials, credentials_path, load_credentials, open_s3_store
+from adapters.s3 import S3BlobStore, S3Credentials, credentials_path, load_credentials, open_s3_store
 from schemas.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def test_phi_scan_opens_deidentified_blobs_on_s3_that_no_event_references(object
     from pydicom.data import get_testdata_file
 
     from schemas.deid.policy import load_policy
-    from streams.phi_scan import scan
+    from radstream.phi_scan import scan
 
     store = open_s3_store(objectstore)
     ds = dcmread(get_testdata_file("CT_small.dcm", download=False))

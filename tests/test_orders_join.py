@@ -32,7 +32,8 @@ from schemas.events import (
     utcnow,
 )
 from schemas.settings import Settings
-from schemas.topics import INSTANCE_RECEIVED, WORKLIST_UPDATE, key_of, producer_config
+from schemas.topics import INSTANCE_RECEIVED, WORKLIST_UPDATE, key_of
+from adapters.kafka import producer_config
 from streams.orders import OrderJoin, on_order, on_study, rekey
 from streams.route import parse_rules, route
 

@@ -12,7 +12,7 @@ import pytest
 from radstream import procs
 from schemas.events import Alert, DeadLetter, OrderReceived, Priority, StudyLink
 from schemas.settings import Settings
-from schemas.warehouse import apply_ddl, connect, query_rows
+from adapters.warehouse import apply_ddl, connect, query_rows
 from streams.route import load_rules, route
 from streams.sink import group_rows, insert_rows, rows_for
 from test_stages import QUIET, T0, _assembled

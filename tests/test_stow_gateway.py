@@ -36,11 +36,12 @@ from gateways.publisher import EventPublisher
 from gateways.stow_rs import StowGateway, start_server
 from load.orthanc_peer import start_orthanc
 from radstream import procs
-from schemas.blobs import LocalBlobStore
+from adapters.blobs import LocalBlobStore
 from schemas.codec import Codec
 from schemas.events import DeadLetter, InstanceReceived
 from schemas.settings import Settings, load_settings
-from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, ensure_topics
+from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED
+from adapters.kafka import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from radstream import procs
 from schemas.codec import Codec
 from schemas.events import InstanceReceived, Priority, trace_id_for, utcnow
 from schemas.settings import Settings
-from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, STUDY_ASSEMBLED, WORKLIST_UPDATE, key_of, producer_config
+from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, STUDY_ASSEMBLED, WORKLIST_UPDATE, key_of
+from adapters.kafka import producer_config
 
 pytestmark = pytest.mark.integration
 

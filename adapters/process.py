@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable
 
 from schemas.settings import Settings, SettingsError, load_settings
-from schemas.telemetry import configure_logging
+from adapters.telemetry import configure_logging
 
 
 class PortInUseError(RuntimeError):

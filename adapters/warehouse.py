@@ -1,40 +1,22 @@
 """The one client path to the warehouse: clickhouse-connect, for both modes.
 
 Production points ``warehouse.url`` at a ClickHouse server; the embedded runtime
-serves the same HTTP protocol over chDB (``radstream.warehouse_server``). The DDL in
-``schemas/clickhouse/*.sql`` is applied in file order and is idempotent; named queries
-live in ``schemas/clickhouse/queries/*.sql`` with ``{name:Type}`` parameters bound
-by the server.
+serves the same HTTP protocol over chDB (``radstream.warehouse_server``). The SQL
+itself is contract (:mod:`schemas.sql`): DDL applied in file order, idempotently, and
+named queries with ``{name:Type}`` parameters bound by the server.
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
 from urllib.parse import urlparse
 
 from schemas.settings import Settings
+from schemas.sql import UnknownQuery, ddl_statements, named_query
 
 
 class WarehouseError(RuntimeError):
     """The warehouse cannot be reached or refused a statement; the message says which."""
-
-
-def _sql_dir():
-    return resources.files("schemas").joinpath("clickhouse")
-
-
-def ddl_statements() -> list[tuple[str, str]]:
-    """(file name, statement) for every DDL file, in order."""
-    files = sorted((f for f in _sql_dir().iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
-    return [(f.name, f.read_text()) for f in files]
-
-
-def named_query(name: str) -> str:
-    try:
-        return _sql_dir().joinpath("queries", f"{name}.sql").read_text()
-    except FileNotFoundError:
-        raise WarehouseError(f"no named query {name!r} in schemas/clickhouse/queries") from None
 
 
 def connect(settings: Settings, *, database: str | None = None):
@@ -81,7 +63,11 @@ def query_rows(settings: Settings, name: str, **parameters: Any) -> list[dict[st
     """Run a named query and return its rows as dicts."""
     client = connect(settings)
     try:
-        result = client.query(named_query(name), parameters=parameters)
+        try:
+            sql = named_query(name)
+        except UnknownQuery as exc:
+            raise WarehouseError(str(exc)) from None
+        result = client.query(sql, parameters=parameters)
         return [dict(zip(result.column_names, row)) for row in result.result_rows]
     finally:
         client.close()

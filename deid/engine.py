@@ -357,14 +357,15 @@ def _write_sequence(out: DicomBytesIO, elem: DataElement, source: bytes, encodin
 
 
 #: VRs whose value is ASCII text, multiple values joined by backslash (PS3.5 6.2);
-#: UI pads with NUL, the others with a space.
-_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI"})
+#: UI pads with NUL, the others with a space. Not :data:`_TEXT_VRS` (the descriptors
+#: Clean Descriptors may clean): reusing that name once made UT attributes lose it.
+_ASCII_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI"})
 
 
 def _text_element(elem: DataElement, little: bool, implicit: bool) -> bytes | None:
     """The encoding of a short text element, or None when pydicom must encode it
     (another VR, a non-ASCII value that needs the character set, or a long value)."""
-    if elem.VR not in _TEXT_VRS:
+    if elem.VR not in _ASCII_TEXT_VRS:
         return None
     value = elem.value
     if value is None or value == "":

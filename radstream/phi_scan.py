@@ -31,7 +31,7 @@ from pydicom.multival import MultiValue
 from schemas.blobs import BlobStore
 from schemas.events import Record
 from schemas.settings import Settings
-from schemas.deid.engine import NotDicom, plan_for, read_dataset
+from deid.engine import NotDicom, plan_for, read_dataset
 from schemas.deid.policy import Policy, SitePolicy
 
 #: (0002,0012) names the software that wrote the file, not the patient or the study

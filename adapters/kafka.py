@@ -1,0 +1,90 @@
+"""Kafka plumbing every process shares: topic creation, producer settings, exact end offsets.
+
+The topic table itself is the contract (:mod:`schemas.topics`); this module is the
+confluent-kafka side of it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from schemas.settings import Settings
+from schemas.topics import ALL_TOPICS
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create every missing topic; return the names created. Idempotent."""
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "client.id": settings.kafka.client_id})
+    new = []
+    for spec in ALL_TOPICS:
+        config = {"cleanup.policy": "compact" if spec.compacted else "delete"}
+        if spec.retention_ms is not None:
+            config["retention.ms"] = str(spec.retention_ms)
+        new.append(NewTopic(spec.name(settings), settings.kafka.partitions, settings.kafka.replication_factor, config=config))
+    created = []
+    for name, future in admin.create_topics(new, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except Exception as exc:  # KafkaException wrapping a KafkaError
+            err = exc.args[0] if exc.args else None
+            if getattr(err, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return created
+
+
+def producer_config(settings: Settings, **extra: object) -> dict[str, object]:
+    """confluent-kafka producer settings every radstream producer shares.
+
+    ``murmur2_random`` is the Java client's partitioner, which Faust (aiokafka) uses
+    too: a study's events from a gateway and from a stream stage must land on the same
+    partition number, or Faust tables keyed by study would not be co-partitioned.
+    """
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "client.id": settings.kafka.client_id,
+        "partitioner": "murmur2_random",
+        "enable.idempotence": True,
+        "acks": "all",
+        **extra,
+    }
+
+
+def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """The offset after the last record of each ``(topic, partition)``, exactly.
+
+    Not ListOffsets(latest) alone: Tansu 0.6 answers it with the *base* offset of the
+    partition's last record batch + 1, so a batch of 3 records reads as 1. Fetch
+    responses carry the true high watermark, so each non-empty partition is read from
+    its reported end - 1 to end-of-partition. On Kafka that reads one record each.
+    """
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "radstream-end-offsets",
+                         "enable.auto.commit": False, "enable.partition.eof": True, "fetch.wait.max.ms": 50})
+    try:
+        ends: dict[tuple[str, int], int] = {}
+        lows: dict[tuple[str, int], int] = {}
+        for topic, partition in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+            lows[(topic, partition)], ends[(topic, partition)] = max(low, 0), max(high, 0)
+        pending = {key for key, high in ends.items() if high > lows[key]}
+        if pending:
+            consumer.assign([TopicPartition(t, p, max(lows[(t, p)], ends[(t, p)] - 1)) for t, p in sorted(pending)])
+            deadline = time.monotonic() + timeout_s
+            while pending and time.monotonic() < deadline:
+                msg = consumer.poll(0.2)
+                if msg is None:
+                    continue
+                key = (msg.topic(), msg.partition())
+                if msg.error() is None:
+                    ends[key] = max(ends[key], msg.offset() + 1)
+                elif msg.error().code() == KafkaError._PARTITION_EOF:
+                    ends[key] = max(ends[key], msg.offset())
+                    pending.discard(key)
+        return ends
+    finally:
+        consumer.close()
