@@ -185,6 +185,25 @@ class OrderReceived(Record):
     patient_state: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class PatientUpdated(Record):
+    """An HL7 v2 ADT patient update (A01/A04/A05/A08/A31): demographics of one patient
+    at one site, applied to that patient's identified worklist rows."""
+
+    SCHEMA: ClassVar[str] = "patient_updated"
+    trace_id: str
+    message_type: str
+    control_id: str
+    source_site: str
+    received_at: datetime
+    patient_id: str
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    patient_location: str | None = None
+    patient_state: str | None = None
+
+
 # ---------------------------------------------------------------- assembly
 
 
@@ -427,6 +446,7 @@ EVENT_TYPES: dict[str, type[Record]] = {
     for cls in (
         InstanceReceived,
         OrderReceived,
+        PatientUpdated,
         StudyAssembled,
         StudyDeidentified,
         InferenceResult,

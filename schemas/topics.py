@@ -19,6 +19,7 @@ from schemas.events import (
     InferenceResult,
     InstanceReceived,
     OrderReceived,
+    PatientUpdated,
     PriorComparison,
     Record,
     RoutingDecision,
@@ -44,6 +45,8 @@ class TopicSpec:
 
 INSTANCE_RECEIVED = TopicSpec("instance.received", InstanceReceived, "study_uid")
 ORDER_RECEIVED = TopicSpec("order.received", OrderReceived, "accession_number")
+#: HL7 ADT patient updates, keyed by patient id; the sink applies them to the worklist's demographics
+PATIENT_UPDATED = TopicSpec("patient.updated", PatientUpdated, "patient_id")
 STUDY_ASSEMBLED = TopicSpec("study.assembled", StudyAssembled, "study_uid")
 STUDY_DEIDENTIFIED = TopicSpec("study.deidentified", StudyDeidentified, "study_uid")
 INFERENCE_RESULT = TopicSpec("inference.result", InferenceResult, "study_uid")
@@ -69,6 +72,7 @@ DEIDENTIFIED_TOPICS: tuple[TopicSpec, ...] = (STUDY_DEIDENTIFIED,)
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     INSTANCE_RECEIVED,
     ORDER_RECEIVED,
+    PATIENT_UPDATED,
     STUDY_ASSEMBLED,
     STUDY_DEIDENTIFIED,
     INFERENCE_RESULT,

@@ -1,7 +1,23 @@
--- The worklist as a reader sees it: latest version per study, most urgent first.
-SELECT study_uid, version, trace_id, accession_number, patient_id, patient_name, modality, modalities, body_part,
-       study_description, priority, subspecialty, source_site, institution_name, instance_count, status, reasons,
-       received_at, assembled_at, routed_at, reason_for_exam
-FROM worklist FINAL
-ORDER BY multiIf(priority = 'CRITICAL', 0, priority = 'URGENT', 1, 2), received_at
+-- The worklist as a reader sees it: latest version per study, most urgent first, with the
+-- patient's demographics as the site's latest ADT update states them (else as the images did).
+WITH latest_patient AS (
+    SELECT source_site, patient_id,
+           argMax(patient_name, received_at) AS adt_patient_name,
+           max(received_at) AS demographics_updated_at
+    FROM patient_updates
+    GROUP BY source_site, patient_id
+)
+SELECT w.study_uid AS study_uid, w.version AS version, w.trace_id AS trace_id,
+       w.accession_number AS accession_number, w.patient_id AS patient_id,
+       coalesce(p.adt_patient_name, w.patient_name) AS patient_name,
+       w.modality AS modality, w.modalities AS modalities, w.body_part AS body_part,
+       w.study_description AS study_description, w.priority AS priority, w.subspecialty AS subspecialty,
+       w.source_site AS source_site, w.institution_name AS institution_name, w.instance_count AS instance_count,
+       w.status AS status, w.reasons AS reasons, w.received_at AS received_at, w.assembled_at AS assembled_at,
+       w.routed_at AS routed_at, w.reason_for_exam AS reason_for_exam,
+       p.demographics_updated_at AS demographics_updated_at
+FROM worklist AS w FINAL
+LEFT JOIN latest_patient AS p ON p.source_site = w.source_site AND p.patient_id = ifNull(w.patient_id, '')
+ORDER BY multiIf(w.priority = 'CRITICAL', 0, w.priority = 'URGENT', 1, 2), w.received_at
 LIMIT {limit:UInt32}
+SETTINGS join_use_nulls = 1
