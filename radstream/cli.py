@@ -103,13 +103,15 @@ def cli(ctx: click.Context) -> None:
 @click.pass_context
 def up(ctx: click.Context, demo: bool) -> int:
     """Start broker, warehouse, stream worker and DICOM gateway; stop them on Ctrl-C."""
-    from radstream.supervisor import AlreadyRunningError, Supervisor
     from adapters.telemetry import configure_logging
+    from radstream.runtime import default_specs
+    from radstream.supervisor import AlreadyRunningError, Supervisor
 
     settings = _settings(ctx)
     configure_logging(settings, "supervisor")
     try:
-        return Supervisor(settings).run(after_ready=(lambda: run_demo(settings)) if demo else None)
+        supervisor = Supervisor(settings, default_specs(settings))
+        return supervisor.run(after_ready=(lambda: run_demo(settings)) if demo else None)
     except AlreadyRunningError as exc:
         _err(str(exc))
         return 2

@@ -8,7 +8,8 @@ HTTP, exactly as it would to a real ClickHouse server. This module is that singl
 queries and commands with ``param_NAME`` query parameters and settings as URL arguments, the
 ``database`` argument, ``INSERT … FORMAT Native`` bodies sent chunked and compressed
 (lz4/zstd/gzip/deflate), basic authentication, ``/ping``, and errors as ``Code: NN.
-DB::Exception: …`` with the ``X-ClickHouse-Exception-Code`` header. In production
+DB::Exception: …`` with the ``X-ClickHouse-Exception-Code`` header (that vocabulary is
+:mod:`radstream.clickhouse_http`). In production
 ``warehouse.url`` points at a real ClickHouse server and this module is not started.
 
 Run it with ``python -m radstream.warehouse_server`` (settings from ``RADSTREAM_*``).
@@ -17,24 +18,19 @@ Run it with ``python -m radstream.warehouse_server`` (settings from ``RADSTREAM_
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
 import errno
 import fcntl
 import hmac
 import io
 import json
 import logging
-import re
 import signal
 import socket
 import sys
 import tempfile
 import threading
 import uuid
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
@@ -42,190 +38,31 @@ from urllib.parse import parse_qsl, urlsplit
 
 from chdb import session as chdb_session
 
+from radstream.clickhouse_http import (
+    AUTHENTICATION_FAILED,
+    Request,
+    Result,
+    UNKNOWN_EXCEPTION,
+    UNKNOWN_SETTING,
+    WarehouseError,
+    READ_CHUNK,
+    RESULT_STATEMENT,
+    SETTING_NAME,
+    SPOOL_IN_MEMORY,
+    TRAILING_FORMAT,
+    TRANSPORT_ARGS,
+    parse_chunk_size,
+    content_type_of,
+    form_fields,
+    quote_literal,
+    quote_identifier,
+    decompressed,
+    split_statement,
+)
 from radstream.procs import PortInUseError
 from schemas.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("radstream.warehouse_server")  # not __name__: it is "__main__" under -m
-
-# URL arguments of the HTTP interface that steer the transport, not the query engine; a real
-# server consumes them itself, so they are never applied as settings here.
-_TRANSPORT_ARGS = frozenset({
-    "query", "database", "default_format", "user", "password", "quota_key", "query_id",
-    "session_id", "session_timeout", "session_check", "close_session", "compress", "decompress",
-    "buffer_size", "wait_end_of_query", "client_protocol_version", "role", "stacktrace",
-    "enable_http_compression", "http_zlib_compression_level", "send_progress_in_http_headers",
-    "http_headers_progress_interval_ms", "cancel_http_readonly_queries_on_client_close",
-    "http_native_compression_disable_checksumming_on_decompress", "http_response_buffer_size",
-})
-
-# ClickHouse error codes (src/Common/ErrorCodes.cpp) this module raises itself.
-UNKNOWN_SETTING = 115
-NOT_IMPLEMENTED = 48
-UNKNOWN_COMPRESSION_METHOD = 89
-CANNOT_DECOMPRESS = 271
-CANNOT_PARSE_INPUT = 27
-AUTHENTICATION_FAILED = 516
-UNKNOWN_EXCEPTION = 1002
-
-# The HTTP status the real server answers for an error code (HTTPHandler.cpp,
-# exceptionCodeToHTTPStatus); everything else is 500. None of these is one clickhouse-connect
-# retries (429/503/504), so a failed statement is never silently re-run.
-_HTTP_STATUS = {
-    **dict.fromkeys((192, 193, 164, AUTHENTICATION_FAILED), 403),  # unknown user, wrong password, readonly
-    194: 401,  # REQUIRED_PASSWORD
-    **dict.fromkeys((6, 26, 27, 38, 41, 53, 62, 72, 117, 457), 400),  # cannot parse, syntax, bad parameter
-    **dict.fromkeys((46, 47, 50, 56, 60, 73, 81, UNKNOWN_SETTING), 404),  # unknown function/identifier/table/database
-    NOT_IMPLEMENTED: 501,
-}
-
-_ENGINE_MESSAGE = re.compile(r"Code: (\d+)\. (DB::Exception: .*)", re.S)
-# The statement at the head of an insert body; the data starts after the format name and one
-# line break (ClickHouse skips the same). No quote may precede FORMAT, so a VALUES literal
-# that happens to contain the word is never mistaken for the clause.
-_INSERT_WITH_FORMAT = re.compile(rb"\s*(INSERT\s+INTO\s[^'\"]*?)\s+FORMAT\s+(\w+)[ \t]*(?:\r?\n)?", re.I | re.S)
-_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.I)
-# Statements that produce a result set; only their responses carry X-ClickHouse-Format, which
-# is how clickhouse-connect's command() tells "empty result" from "no result".
-_RESULT_STATEMENT = re.compile(r"\s*\(*\s*(SELECT|WITH|SHOW|DESCRIBE|DESC|EXISTS|EXPLAIN|CHECK)\b", re.I)
-_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-_CONTENT_TYPES = {
-    "TabSeparated": "text/tab-separated-values; charset=UTF-8",
-    "TSV": "text/tab-separated-values; charset=UTF-8",
-    "CSV": "text/csv; charset=UTF-8; header=absent",
-    "JSON": "application/json; charset=UTF-8",
-}
-_BINARY_FORMATS = ("Native", "RowBinary", "Arrow", "Parquet", "ORC", "Avro")
-
-_READ_CHUNK = 1 << 20
-_QUERY_HEAD = 1 << 18  # ClickHouse's default max_query_size: the statement must start within it
-_SPOOL_IN_MEMORY = 32 << 20
-
-
-class WarehouseError(Exception):
-    """An error answered the ClickHouse way: code, ``DB::Exception`` text, HTTP status."""
-
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text  # "DB::Exception: <message>. (<NAME>)", as the engine words it
-
-    @classmethod
-    def of(cls, code: int, name: str, message: str) -> WarehouseError:
-        return cls(code, f"DB::Exception: {message}. ({name})")
-
-    @classmethod
-    def from_engine(cls, exc: BaseException) -> WarehouseError:
-        """Wrap a chDB error, whose text carries ``Code: NN. DB::Exception: …`` somewhere."""
-        match = _ENGINE_MESSAGE.search(str(exc))
-        if match is None:
-            return cls.of(UNKNOWN_EXCEPTION, "UNKNOWN_EXCEPTION", str(exc) or type(exc).__name__)
-        return cls(int(match.group(1)), match.group(2).strip())
-
-    @property
-    def http_status(self) -> int:
-        return _HTTP_STATUS.get(self.code, 500)
-
-    def body(self, version: str) -> bytes:
-        text = f"Code: {self.code}. {self.text}"
-        if "(version " not in text:
-            text += f" (version {version})"
-        return (text + "\n").encode()
-
-
-@dataclass(frozen=True)
-class Request:
-    """One statement as the HTTP interface received it, credentials and transport stripped."""
-
-    sql: str  # for an insert with data: the statement without its FORMAT clause
-    database: str = "default"
-    settings: Mapping[str, str] = field(default_factory=dict)
-    params: Mapping[str, str] = field(default_factory=dict)  # query parameters, no ``param_`` prefix
-    default_format: str = "TabSeparated"
-    insert_format: str | None = None  # set when the body after the statement is data in this format
-    first_data: bytes = b""  # data bytes already read while locating the statement
-    data: IO[bytes] | None = None  # the rest of the data
-
-
-@dataclass(frozen=True)
-class Result:
-    output: bytes
-    summary: dict[str, str]  # X-ClickHouse-Summary
-
-
-def split_statement(query_arg: str, body: IO[bytes]) -> tuple[str, str | None, bytes]:
-    """The statement, its insert format and the data bytes read past it.
-
-    As in ClickHouse, the ``query`` URL argument and the body form one text (joined by a line
-    break); for ``INSERT … FORMAT fmt`` the data starts right after the format name's line.
-    """
-    head = body.read(_QUERY_HEAD)
-    text = (query_arg.encode() + b"\n" + head) if query_arg else head
-    match = _INSERT_WITH_FORMAT.match(text)
-    if match:
-        return match.group(1).decode(), match.group(2).decode(), text[match.end():]
-    return (text + body.read()).decode("utf-8", errors="replace"), None, b""
-
-
-def decompressed(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
-    """Undo ``Content-Encoding``; clickhouse-connect sends one frame per block, so frames chain."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        yield from chunks
-        return
-    new_decoder = _DECODERS.get(encoding)
-    if new_decoder is None:
-        raise WarehouseError.of(UNKNOWN_COMPRESSION_METHOD, "UNKNOWN_COMPRESSION_METHOD",
-                                 f"Unknown HTTP content encoding: '{encoding}'")
-    decoder = new_decoder()
-    try:
-        for chunk in chunks:
-            while chunk:
-                out = decoder.decompress(chunk)
-                if out:
-                    yield out
-                chunk = b""
-                if decoder.eof:  # a frame ended: what follows is the next frame
-                    chunk, decoder = decoder.unused_data, new_decoder()
-    except WarehouseError:
-        raise
-    except Exception as exc:  # each library has its own error type
-        raise WarehouseError.of(CANNOT_DECOMPRESS, "CANNOT_DECOMPRESS",
-                                f"Cannot decompress the {encoding} request body: {exc}") from None
-
-
-def _decoders() -> dict[str, Callable[[], Any]]:
-    decoders: dict[str, Callable[[], Any]] = {
-        "gzip": lambda: zlib.decompressobj(wbits=31),
-        "deflate": lambda: zlib.decompressobj(),
-    }
-    try:
-        import lz4.frame
-
-        decoders["lz4"] = lz4.frame.LZ4FrameDecompressor
-    except ImportError:
-        pass
-    try:
-        if sys.version_info >= (3, 14):
-            from compression import zstd
-        else:
-            from backports import zstd
-        decoders["zstd"] = zstd.ZstdDecompressor
-    except ImportError:
-        pass
-    return decoders
-
-
-_DECODERS = _decoders()
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _quote_identifier(name: str) -> str:
-    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
-
 
 class Warehouse:
     """The one chDB session of this process; every statement runs under its lock.
@@ -277,7 +114,7 @@ class Warehouse:
                 with self._session.send_insert(request.sql, request.insert_format) as inserter:
                     if request.first_data:
                         inserter.append(request.first_data)
-                    while chunk := request.data.read(_READ_CHUNK):
+                    while chunk := request.data.read(READ_CHUNK):
                         inserter.append(chunk)
                     result = inserter.finish()
             except Exception as exc:
@@ -290,21 +127,21 @@ class Warehouse:
 
     def _prepare(self, request: Request) -> None:
         try:
-            self._session.query(f"USE {_quote_identifier(request.database)}", "TabSeparated")
+            self._session.query(f"USE {quote_identifier(request.database)}", "TabSeparated")
         except Exception as exc:
             raise WarehouseError.from_engine(exc) from None
         wanted = {k: v for k, v in request.settings.items() if k not in self._ignored_settings}
         for name in [n for n in self._applied if n not in wanted]:
             startup = self._startup_settings.get(name)
-            self._set(name, "DEFAULT" if startup is None else _quote(startup))
+            self._set(name, "DEFAULT" if startup is None else quote_literal(startup))
             del self._applied[name]
         for name, value in wanted.items():
             if self._applied.get(name) == value:
                 continue
-            if not _SETTING_NAME.match(name):
+            if not SETTING_NAME.match(name):
                 raise WarehouseError.of(UNKNOWN_SETTING, "UNKNOWN_SETTING", f"Unknown setting '{name}'")
             try:
-                self._set(name, _quote(value))
+                self._set(name, quote_literal(value))
             except WarehouseError as err:
                 if err.code != UNKNOWN_SETTING:
                     raise
@@ -404,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve_statement(self, args: dict[str, str], query_id: str) -> None:
         warehouse = self.server.warehouse
-        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as body:
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as body:
             # The whole body is read before the engine lock is taken: a slow client never
             # stalls the others.
             for chunk in decompressed(self._raw_body(), self.headers.get("Content-Encoding", "")):
@@ -417,11 +254,11 @@ class _Handler(BaseHTTPRequestHandler):
             "X-ClickHouse-Timezone": warehouse.timezone,
             "X-ClickHouse-Summary": json.dumps(result.summary, separators=(",", ":")),
         }
-        if request.insert_format is None and _RESULT_STATEMENT.match(request.sql):
-            trailing = _TRAILING_FORMAT.search(request.sql)
+        if request.insert_format is None and RESULT_STATEMENT.match(request.sql):
+            trailing = TRAILING_FORMAT.search(request.sql)
             result_format = trailing.group(1) if trailing else request.default_format
             headers["X-ClickHouse-Format"] = result_format
-            headers["Content-Type"] = _content_type(result_format)
+            headers["Content-Type"] = content_type_of(result_format)
         else:
             headers["Content-Type"] = "text/plain; charset=UTF-8"
         self._reply(200, result.output, headers)
@@ -430,13 +267,13 @@ class _Handler(BaseHTTPRequestHandler):
         content_type = self.headers.get("Content-Type", "")
         if content_type.startswith("multipart/form-data"):
             # clickhouse-connect posts a form when bound parameters are too long for the URL.
-            args = {**args, **_form_fields(content_type, body.read())}
+            args = {**args, **form_fields(content_type, body.read())}
             body = io.BytesIO()
         sql, insert_format, first_data = split_statement(args.get("query", ""), body)
         return Request(
             sql=sql,
             database=args.get("database") or "default",
-            settings={k: v for k, v in args.items() if not k.startswith("param_") and k not in _TRANSPORT_ARGS},
+            settings={k: v for k, v in args.items() if not k.startswith("param_") and k not in TRANSPORT_ARGS},
             params={k.removeprefix("param_"): v for k, v in args.items() if k.startswith("param_")},
             default_format=args.get("default_format") or "TabSeparated",
             insert_format=insert_format,
@@ -465,7 +302,7 @@ class _Handler(BaseHTTPRequestHandler):
         """The request body as sent: Content-Length or chunked (RFC 9112 section 7.1)."""
         self._body_state = "reading"
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            while size := _chunk_size(self.rfile.readline(65537)):
+            while size := parse_chunk_size(self.rfile.readline(65537)):
                 chunk = self.rfile.read(size)
                 if len(chunk) < size:
                     raise ConnectionError("the client closed the connection inside a chunk")
@@ -476,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             remaining = int(self.headers.get("Content-Length") or 0)
             while remaining > 0:
-                chunk = self.rfile.read(min(remaining, _READ_CHUNK))
+                chunk = self.rfile.read(min(remaining, READ_CHUNK))
                 if not chunk:
                     raise ConnectionError("the client closed the connection inside the body")
                 remaining -= len(chunk)
@@ -507,37 +344,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         log.debug("%s %s", self.address_string(), format % args)
-
-
-def _chunk_size(line: bytes) -> int:
-    try:
-        return int(line.split(b";")[0].strip(), 16)
-    except ValueError:
-        raise WarehouseError.of(CANNOT_PARSE_INPUT, "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
-                                f"Malformed chunk size line {line[:40]!r} in the chunked request body") from None
-
-
-def _content_type(result_format: str) -> str:
-    if result_format.startswith(_BINARY_FORMATS):
-        return "application/octet-stream"
-    for prefix, content_type in _CONTENT_TYPES.items():
-        if result_format.startswith(prefix):
-            return content_type
-    return "text/plain; charset=UTF-8"
-
-
-def _form_fields(content_type: str, payload: bytes) -> dict[str, str]:
-    """Fields of a ``multipart/form-data`` body; external data tables are not supported."""
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + payload)
-    fields: dict[str, str] = {}
-    for part in message.iter_parts():
-        if part.get_filename():
-            raise WarehouseError.of(NOT_IMPLEMENTED, "NOT_IMPLEMENTED",
-                                    "External data is not supported by the embedded warehouse")
-        name = part.get_param("name", header="content-disposition")
-        fields[str(name)] = (part.get_payload(decode=True) or b"").decode()
-    return fields
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -613,7 +419,7 @@ class WarehouseServer:
     def _create_database(self, database: str) -> None:
         # Clients connect with ``database=settings.warehouse.database``; it must exist before the
         # first DDL is applied, as it would on a provisioned server.
-        self.warehouse.execute(Request(f"CREATE DATABASE IF NOT EXISTS {_quote_identifier(database)}"))
+        self.warehouse.execute(Request(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}"))
 
 
 def serve(settings: Settings) -> None:

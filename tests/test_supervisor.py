@@ -52,13 +52,13 @@ while True:
 #: Runs a Supervisor over the broker (optional) and stand-in children described in a JSON plan.
 SUPERVISOR = """
 import json, logging, sys
-from radstream import procs, supervisor as sv
+from radstream import procs, runtime, supervisor as sv
 from schemas.settings import load_settings
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 plan = json.loads(open(sys.argv[1]).read())
 settings = load_settings()
-specs = [sv.broker_spec(settings)] if plan["broker"] else []
+specs = [runtime.broker_spec(settings)] if plan["broker"] else []
 for child in plan["children"]:
     specs.append(sv.ChildSpec(
         name=child["name"],

@@ -1,0 +1,241 @@
+"""radstream's own process table: what ``radstream up`` starts, in which order, and how
+each child is known to be ready.
+
+Object store (SeaweedFS) → broker (Tansu on ``s3://``) → warehouse (chDB endpoint) →
+stream worker → gateways (last: they listen only once they can publish). Each entry is
+a :class:`~radstream.supervisor.ChildSpec` for the general supervisor; an external
+server configured in the settings (``kafka.bootstrap``, ``warehouse.url``, an S3
+endpoint) becomes a readiness check without a process.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from radstream import procs
+from radstream.supervisor import (
+    ChildSpec,
+    PortClaim,
+    Supervisor,
+    SupervisorError,
+    connect_host,
+    file_ready,
+    http_ping_ready,
+    kafka_ready,
+    port_ready,
+)
+from schemas.settings import Settings
+
+log = logging.getLogger("radstream.runtime")
+
+
+def _unlink(path: Path) -> Callable[[], None]:
+    def remove() -> None:
+        path.unlink(missing_ok=True)
+
+    return remove
+
+
+def _apply_ddl(settings: Settings) -> None:
+    from adapters import warehouse
+
+    warehouse.apply_ddl(settings)
+    log.info("warehouse DDL applied")
+
+
+def broker_spec(settings: Settings) -> ChildSpec:
+    """The embedded Tansu broker, or a readiness check of ``kafka.bootstrap``."""
+    from adapters.kafka import ensure_topics
+
+    def create_topics() -> None:
+        created = ensure_topics(settings)
+        if created:
+            log.info("created %d topics", len(created))
+
+    if not settings.embedded_kafka:
+        return ChildSpec(
+            name="broker",
+            ready=kafka_ready(settings.kafka_bootstrap),
+            on_ready=create_topics,
+            summary=f"{settings.kafka_bootstrap}  (external Kafka)",
+        )
+    host, port, storage = settings.bind_host, settings.kafka.embedded_port, settings.kafka.storage
+    durable = "no, topics are lost when it stops" if storage.startswith("memory:") else "yes"
+    storage_env: dict[str, str] = {}
+    if storage.startswith("s3://"):
+        if settings.blobs.backend != "s3":
+            raise SupervisorError(
+                f"kafka.storage {storage} keeps the broker's log on the object store, but blobs.backend is "
+                f"{settings.blobs.backend!r}: set RADSTREAM_KAFKA_STORAGE=memory://tansu/ or use the S3 backend"
+            )
+        from radstream.objectstore import tansu_env
+        from adapters.s3 import load_credentials
+
+        storage_env = tansu_env(settings, load_credentials(settings))
+
+    def launch(env: Mapping[str, str], log_path: Path) -> subprocess.Popen:
+        return procs.start_tansu(host, port, storage, log_path=log_path, env=env)
+
+    return ChildSpec(
+        name="broker",
+        launch=launch,
+        ready=port_ready(host, port),
+        on_ready=create_topics,
+        env=storage_env,
+        ports=[PortClaim(port, "RADSTREAM_KAFKA_EMBEDDED_PORT", "the embedded Kafka broker (tansu)", host)],
+        summary=f"{settings.kafka_bootstrap}  (embedded tansu, storage {storage}, durable: {durable})",
+    )
+
+
+def warehouse_spec(settings: Settings) -> ChildSpec:
+    """The embedded chDB-backed ClickHouse endpoint, or a ping of ``warehouse.url``."""
+    apply = lambda: _apply_ddl(settings)  # noqa: E731
+    if not settings.embedded_warehouse:
+        return ChildSpec(
+            name="warehouse",
+            ready=http_ping_ready(settings.warehouse_url),
+            on_ready=apply,
+            summary=f"{settings.warehouse_url}  (external ClickHouse, database {settings.warehouse.database})",
+        )
+    host, port = settings.bind_host, settings.warehouse.embedded_port
+    return ChildSpec(
+        name="warehouse",
+        argv=procs.python_module("radstream.warehouse_server"),
+        ready=http_ping_ready(f"http://{connect_host(host)}:{port}"),
+        on_ready=apply,
+        ports=[PortClaim(port, "RADSTREAM_WAREHOUSE_EMBEDDED_PORT", "the embedded warehouse", host)],
+        summary=f"{settings.warehouse_url}  (embedded chDB, database {settings.warehouse.database})",
+    )
+
+
+def worker_spec(settings: Settings) -> ChildSpec:
+    """The Faust worker; it touches ``run/worker.ready`` once it owns its partitions."""
+    ready_file = settings.data_dir.resolve() / "run" / "worker.ready"
+    host = settings.bind_host
+    ports = [
+        PortClaim(settings.worker.web_port, "RADSTREAM_WORKER_WEB_PORT", "the stream worker's web server", host),
+        PortClaim(settings.metrics.worker_port, "RADSTREAM_METRICS_WORKER_PORT", "the stream worker's metrics", host),
+    ]
+    web = f"web {host}:{settings.worker.web_port}" if settings.worker.web_port else "web off"
+    return ChildSpec(
+        name="worker",
+        argv=procs.python_module("streams", "worker"),
+        ready=file_ready(ready_file),
+        reset=_unlink(ready_file),
+        ports=ports,
+        summary=f"faust worker, {web}, consumer session timeout {settings.kafka.session_timeout_s:g}s",
+    )
+
+
+def dicom_gateway_spec(settings: Settings) -> ChildSpec:
+    """The DICOM C-STORE/C-ECHO SCP (PS3.4 Annex B)."""
+    host, port = settings.bind_host, settings.dicom.port
+    return ChildSpec(
+        name="dicom-gateway",
+        argv=procs.python_module("gateways.dicom_scp"),
+        ready=port_ready(host, port),
+        ports=[
+            PortClaim(port, "RADSTREAM_DICOM_PORT", "the DICOM gateway", host),
+            PortClaim(settings.metrics.gateway_port, "RADSTREAM_METRICS_GATEWAY_PORT", "the gateway's metrics", host),
+        ],
+        summary=f"{settings.dicom.ae_title}@{host}:{port}  (DICOM C-STORE/C-ECHO)",
+    )
+
+
+def hl7_gateway_spec(settings: Settings) -> ChildSpec:
+    """The HL7 v2 MLLP listener for ORM^O01 orders and ADT updates (HL7 v2.5 Appendix C)."""
+    host, port = settings.bind_host, settings.hl7.port
+    return ChildSpec(
+        name="hl7-gateway",
+        argv=procs.python_module("gateways.hl7_mllp"),
+        ready=port_ready(host, port),
+        ports=[
+            PortClaim(port, "RADSTREAM_HL7_PORT", "the HL7 MLLP gateway", host),
+            PortClaim(settings.metrics.hl7_gateway_port, "RADSTREAM_METRICS_HL7_GATEWAY_PORT",
+                      "the HL7 gateway's metrics", host),
+        ],
+        summary=f"{host}:{port}  (HL7 v2 MLLP: {settings.hl7.message_types})",
+    )
+
+
+def stow_gateway_spec(settings: Settings) -> ChildSpec:
+    """The DICOMweb STOW-RS endpoint (PS3.18 10.5), HTTPS when ``stow.tls_cert``/``tls_key`` are set."""
+    host, port = settings.bind_host, settings.stow.port
+    scheme = "https" if settings.stow.tls_cert and settings.stow.tls_key else "http"
+    return ChildSpec(
+        name="stow-gateway",
+        argv=procs.python_module("gateways.stow_rs"),
+        ready=port_ready(host, port),
+        ports=[
+            PortClaim(port, "RADSTREAM_STOW_PORT", "the STOW-RS gateway", host),
+            PortClaim(settings.metrics.stow_gateway_port, "RADSTREAM_METRICS_STOW_GATEWAY_PORT",
+                      "the STOW-RS gateway's metrics", host),
+        ],
+        summary=f"{scheme}://{host}:{port}/dicomweb  (DICOMweb STOW-RS, bearer tokens)",
+    )
+
+
+def objectstore_spec(settings: Settings) -> ChildSpec | None:
+    """The embedded SeaweedFS, or a readiness check of ``blobs.s3_endpoint``; None with
+    the local (test-only) blob backend."""
+    if settings.blobs.backend != "s3":
+        return None
+    from radstream import objectstore
+    from adapters.s3 import S3BlobStore, ensure_embedded_credentials, load_credentials, open_s3_store
+
+    def ensure_buckets() -> bool:
+        store = open_s3_store(settings)
+        store.ensure_bucket()
+        for bucket in objectstore.buckets(settings)[1:]:
+            S3BlobStore(endpoint=settings.s3_endpoint, bucket=bucket, credentials=load_credentials(settings),
+                        region=settings.blobs.s3_region, verify=settings.blobs.s3_verify_tls).ensure_bucket()
+        return True
+
+    if not settings.embedded_objectstore:
+        return ChildSpec(
+            name="objectstore", ready=ensure_buckets,
+            summary=f"{settings.s3_endpoint}  (external S3, bucket {settings.blobs.bucket})",
+        )
+    credentials = ensure_embedded_credentials(settings)
+    host = settings.bind_host
+    claims = [
+        PortClaim(port, "RADSTREAM_SEAWEEDFS_S3_PORT" if flag == "s3.port" else "RADSTREAM_SEAWEEDFS_PORT_BASE",
+                  f"the embedded object store (SeaweedFS {flag})", host)
+        for flag, port in objectstore.ports(settings).items()
+    ]
+    return ChildSpec(
+        name="objectstore",
+        argv=objectstore.argv(settings),
+        env=objectstore.env(credentials),
+        ready=ensure_buckets,
+        ports=claims,
+        summary=f"{settings.s3_endpoint}  (embedded SeaweedFS, bucket {settings.blobs.bucket}, "
+                f"credentials {credentials_file(settings)})",
+    )
+
+
+def credentials_file(settings: Settings) -> Path:
+    from adapters.s3 import credentials_path
+
+    return credentials_path(settings)
+
+
+def default_specs(settings: Settings) -> list[ChildSpec]:
+    """The radstream runtime, in start order: object store, broker (its log may live on
+    the object store), warehouse, workers, and the gateways last, so that they listen only
+    once they can publish."""
+    store = objectstore_spec(settings)
+    return [
+        *([store] if store else []),
+        broker_spec(settings), warehouse_spec(settings), worker_spec(settings), dicom_gateway_spec(settings),
+        hl7_gateway_spec(settings), stow_gateway_spec(settings),
+    ]
+
+
+def run_up(settings: Settings, specs: Sequence[ChildSpec] | None = None) -> int:
+    """Entry point of ``radstream up``; returns the process exit code."""
+    return Supervisor(settings, default_specs(settings) if specs is None else specs).run()
+
