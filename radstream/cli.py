@@ -1,5 +1,7 @@
 """The ``radstream`` command line: run the runtime, send studies, look at topics and the worklist.
 
+About 550 lines: one short function per operator command, with the output helpers they share.
+
 Settings are loaded lazily by each command (``--help`` works with a broken
 configuration); an invalid setting or a taken port ends the command with a one-line
 error and exit code 2, never a traceback. Heavy imports (Kafka, DICOM, ClickHouse)

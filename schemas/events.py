@@ -1,5 +1,7 @@
 """Typed events: one frozen dataclass per Avro schema in ``schemas/avro``.
 
+Over 400 lines: one dataclass per Avro schema, kept together as the contract's one Python face.
+
 A field name means the same thing on every topic (``study_uid`` is always the
 StudyInstanceUID, ``trace_id`` always the study's audit id). The dataclasses are
 what stages take and return; :mod:`schemas.codec` turns them into Avro bytes and

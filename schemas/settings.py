@@ -1,5 +1,7 @@
 """One typed settings object for every radstream process.
 
+Over 400 lines: one section per component's settings, kept together so every key is in one place.
+
 Values come, highest priority first, from keyword arguments, ``RADSTREAM_*``
 environment variables (``RADSTREAM_KAFKA_BOOTSTRAP`` sets ``kafka.bootstrap``),
 an optional TOML file (``[kafka] bootstrap = "..."``) and the defaults below.

@@ -83,6 +83,19 @@ def test_options_decide_what_is_kept() -> None:
     assert not any(tag.is_private for tag in full.keys()) and full.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
 
 
+def test_clean_descriptors_cleans_unlimited_text_attributes_too() -> None:
+    """UT descriptors (ReasonForVisit, (0032,1066), option column C) are cleaned like LO ones:
+    a second VR set of the same name once sent them to the dummy value instead."""
+    ds = dcmread(io.BytesIO(seeded_bytes("CT_small.dcm")))
+    ds.add_new(0x00321066, "UT", "CT HEAD CANARYDESC headache")
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    full = dcmread(io.BytesIO(deidentify_instance(buffer.getvalue(), FULL, KEYS).data))
+    basic = dcmread(io.BytesIO(deidentify_instance(buffer.getvalue(), BASIC, KEYS).data))
+    assert full[0x00321066].VR == "UT" and full[0x00321066].value == "CT HEAD"
+    assert 0x00321066 not in basic
+
+
 def test_private_safe_list_keeps_only_listed_private_attributes() -> None:
     policy = parse_policy({"defaults": {"private_safe": [{"group": "0x0029", "creator": "CANARYCREATOR",
                                                           "element": "0x01"}]}}).defaults
