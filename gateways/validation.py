@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from enum import IntEnum
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -54,6 +54,20 @@ class InvalidInstance(Exception):
         super().__init__(error)
         self.code, self.reason, self.error, self.offending = code, reason, error, tuple(offending)
 
+    @classmethod
+    def internal_error(cls, exc: Exception) -> InvalidInstance:
+        """The refusal of an instance a bug of ours failed (PS3.7 C.4.1 processing failure)."""
+        return cls(FailureReason.PROCESSING_FAILURE, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+class InstanceUids(NamedTuple):
+    """The UIDs that identify an instance (PS3.3 C.7.2.1, C.7.3.1, C.12.1), each validated."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
 
 def read_instance(data: bytes) -> Dataset:
     """The data set of a PS3.10 file (preamble, ``DICM``, file meta), checked to be complete.
@@ -81,7 +95,7 @@ def read_instance(data: bytes) -> Dataset:
     return dataset
 
 
-def instance_uids(header: Dataset) -> tuple[str, str, str, str]:
+def instance_uids(header: Dataset) -> InstanceUids:
     """Study, series, SOP instance and SOP class UIDs, each present and valid (PS3.5 9.1)."""
     uids = []
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
@@ -92,7 +106,7 @@ def instance_uids(header: Dataset) -> tuple[str, str, str, str]:
             raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "invalid_uid",
                                   f"{keyword} {value!r} is not a valid UID (PS3.5 9.1)", [keyword])
         uids.append(value)
-    return uids[0], uids[1], uids[2], uids[3]
+    return InstanceUids(*uids)
 
 
 def check_storable(header: Dataset, sop_class_uid: str) -> str:

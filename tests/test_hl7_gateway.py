@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hl7
@@ -28,9 +29,9 @@ from gateways.hl7_mllp import Frame, Hl7Handler, start_listener
 from gateways.publisher import EventPublisher
 from radstream import procs
 from schemas.codec import Codec
-from schemas.events import DeadLetter, OrderReceived
+from schemas.events import DeadLetter, OrderReceived, PatientUpdated
 from schemas.settings import Settings, load_settings
-from schemas.topics import DEAD_LETTER, ORDER_RECEIVED
+from schemas.topics import DEAD_LETTER, ORDER_RECEIVED, PATIENT_UPDATED, TopicSpec
 from adapters.kafka import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -164,15 +165,23 @@ class Gateway:
 
     def orders(self, *control_ids: str, timeout_s: float = 15) -> dict[str, OrderReceived]:
         """The events on order.received of the messages with these MSH-10 control ids."""
-        consumer = _consumer(self.settings, ORDER_RECEIVED.name(self.settings))
-        out: dict[str, OrderReceived] = {}
+        return self.events(ORDER_RECEIVED, *control_ids, timeout_s=timeout_s)
+
+    def patient_updates(self, *control_ids: str, timeout_s: float = 15) -> dict[str, PatientUpdated]:
+        """The events on patient.updated of the ADT messages with these MSH-10 control ids."""
+        return self.events(PATIENT_UPDATED, *control_ids, timeout_s=timeout_s)
+
+    def events(self, topic: TopicSpec, *control_ids: str, timeout_s: float = 15) -> dict[str, Any]:
+        """The events on ``topic`` of the messages with these MSH-10 control ids."""
+        consumer = _consumer(self.settings, topic.name(self.settings))
+        out: dict[str, Any] = {}
         deadline = time.monotonic() + timeout_s
         try:
             while not set(control_ids) <= set(out) and time.monotonic() < deadline:
                 msg = consumer.poll(0.2)
                 if msg is not None and not msg.error():
-                    order = Codec().decode(msg.value(), OrderReceived)
-                    out[order.control_id] = order
+                    event = Codec().decode(msg.value(), topic.event)
+                    out[event.control_id] = event
         finally:
             consumer.close()
         return out
@@ -249,9 +258,11 @@ def test_latin1_declared_in_msh18_and_an_adt_update_are_accepted(gateway: Gatewa
     finally:
         sender.close()
     assert [(a.ack, a.control_id) for a in answers] == [("AA", "CTRL-L1"), ("AA", "CTRL-ADT")]
-    orders = gateway.orders("CTRL-L1", "CTRL-ADT")
+    orders = gateway.orders("CTRL-L1")
     assert orders["CTRL-L1"].patient_name == "MÜLLER^JÖRG" and orders["CTRL-L1"].reason_for_exam == "Schädel"
-    assert orders["CTRL-ADT"].accession_number == "" and orders["CTRL-ADT"].message_type == "ADT^A08"
+    update = gateway.patient_updates("CTRL-ADT")["CTRL-ADT"]
+    assert isinstance(update, PatientUpdated)
+    assert update.message_type == "ADT^A08" and update.patient_id == "12345"  # PID-3 of PID: 12345^^^HOSP^MR
 
 
 # ---------------------------------------------------------------- the malformed corpus

@@ -1,0 +1,176 @@
+"""Who may associate with the DICOM gateway, and over what (PS3.8 9.3.4, PS3.15 Annex B.1).
+
+The listener speaks TLS when ``dicom.tls_cert`` is set, requiring client certificates
+when ``dicom.tls_ca`` is (:func:`tls_context`). Each association request is checked
+against the calling-AE allow-list (``dicom.site_map`` with ``allow_unknown_ae = false``)
+and optionally the called AE title (:class:`SitePolicy`); a refused one gets
+A-ASSOCIATE-RJ (rejected-permanent, service-user, reason 3 or 7), a log line naming the
+reason and a count in ``radstream_dicom_association_rejections``. The same policy names
+the ``source_site`` of every instance a calling AE title sends. Log lines go to the
+DICOM gateway's own loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from prometheus_client import Counter
+from pynetdicom import evt
+
+from adapters.telemetry import get_logger
+from schemas.settings import Settings
+
+log = logging.getLogger("radstream.gateways.dicom_scp")
+slog = get_logger("radstream.gateways.dicom_scp")
+
+ASSOCIATIONS = Counter("radstream_dicom_associations", "DICOM associations, by outcome", ["outcome"])
+ASSOCIATION_REJECTIONS = Counter(
+    "radstream_dicom_association_rejections", "A-ASSOCIATE-RJ answers and refused presentation contexts, by reason",
+    ["reason"],
+)
+
+
+class RejectReason(IntEnum):
+    """A-ASSOCIATE-RJ Reason/Diag. values with Source = DICOM UL service-user (PS3.8 Table 9-21)."""
+
+    NO_REASON_GIVEN = 0x01
+    APPLICATION_CONTEXT_NOT_SUPPORTED = 0x02
+    CALLING_AE_NOT_RECOGNIZED = 0x03
+    CALLED_AE_NOT_RECOGNIZED = 0x07
+
+
+#: PS3.8 Table 9-21 Result and Source fields of the A-ASSOCIATE-RJ PDU.
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """Who may associate and which site each calling AE title stands for.
+
+    ``sites`` maps calling AE titles (exact, padding stripped; PS3.5 6.2) to site names,
+    the ``source_site`` of their events (licensure and SLA analytics key on it).
+    """
+
+    ae_title: str
+    sites: dict[str, str]
+    allow_unknown_ae: bool = True
+    require_called_ae: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SitePolicy:
+        dicom = settings.dicom
+        return cls(dicom.ae_title, dicom.sites(), dicom.allow_unknown_ae, dicom.require_called_ae)
+
+    def site_for(self, calling_ae: str) -> str:
+        return self.sites.get(calling_ae, calling_ae or "UNKNOWN")
+
+    def refusal(self, calling_ae: str, called_ae: str) -> tuple[RejectReason, str] | None:
+        """Why an association from ``calling_ae`` to ``called_ae`` is refused, or None."""
+        if not self.allow_unknown_ae and calling_ae not in self.sites:
+            return RejectReason.CALLING_AE_NOT_RECOGNIZED, f"calling AE title {calling_ae!r} is not on the allow-list"
+        if self.require_called_ae and called_ae != self.ae_title:
+            return RejectReason.CALLED_AE_NOT_RECOGNIZED, (
+                f"called AE title {called_ae!r} is not this gateway's {self.ae_title!r}")
+        return None
+
+
+def handle_association_request(event: evt.Event, sites: SitePolicy) -> None:
+    """EVT_REQUESTED: refuse senders the site policy does not admit, before negotiation.
+
+    Answers A-ASSOCIATE-RJ with Result rejected-permanent, Source DICOM UL service-user
+    and Reason 3 (calling AE title not recognized) or 7 (called AE title not
+    recognized), PS3.8 9.3.4 and Table 9-21; pynetdicom then skips its own negotiation.
+    """
+    primitive = event.assoc.requestor.primitive
+    calling_ae = str(primitive.calling_ae_title).strip()
+    called_ae = str(primitive.called_ae_title).strip()
+    refusal = sites.refusal(calling_ae, called_ae)
+    if refusal is None:
+        return
+    reason, why = refusal
+    ASSOCIATIONS.labels(outcome="rejected").inc()
+    ASSOCIATION_REJECTIONS.labels(reason=reason.name.lower()).inc()
+    requestor = event.assoc.requestor
+    slog.warning("rejected association", reason=reason.name.lower(), diagnostic=int(reason), error=why,
+                 calling_ae=calling_ae, called_ae=called_ae, peer=f"{requestor.address}:{requestor.port}")
+    event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, int(reason))
+    # As pynetdicom does after its own rejections: wait until the DUL has sent the
+    # A-ASSOCIATE-RJ, or closing the socket would reach the peer as an abort.
+    event.assoc.kill()
+
+
+def handle_accepted(event: evt.Event) -> None:
+    ASSOCIATIONS.labels(outcome="accepted").inc()
+    requestor = event.assoc.requestor
+    log.info("association accepted from %s (%s:%s)", calling_ae_of(event), requestor.address, requestor.port)
+    for context in event.assoc.rejected_contexts:
+        # PS3.8 9.3.3.2: result 3 abstract syntax (SOP class) not supported, 4 no transfer syntax.
+        reason = {0x03: "abstract_syntax_not_supported", 0x04: "transfer_syntaxes_not_supported"}.get(
+            context.result, f"presentation_context_result_{context.result}")
+        ASSOCIATION_REJECTIONS.labels(reason=reason).inc()
+        slog.warning("rejected presentation context", reason=reason, calling_ae=calling_ae_of(event),
+                     abstract_syntax=str(context.abstract_syntax), context_id=context.context_id)
+
+
+def handle_aborted(event: evt.Event) -> None:
+    ASSOCIATIONS.labels(outcome="aborted").inc()
+    log.warning("association with %s aborted", calling_ae_of(event))
+
+
+def handle_rejected(event: evt.Event) -> None:
+    # pynetdicom's own rejections (e.g. maximum_associations reached: transient, reason 2).
+    ASSOCIATIONS.labels(outcome="rejected").inc()
+    ASSOCIATION_REJECTIONS.labels(reason="local_limit_exceeded").inc()
+    slog.warning("rejected association", reason="local_limit_exceeded", calling_ae=calling_ae_of(event))
+
+
+def calling_ae_of(event: evt.Event) -> str:
+    """The calling AE title of the event's association, padding stripped ("" if unknown)."""
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except Exception:
+        return ""
+
+
+# ---------------------------------------------------------------- TLS
+
+
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """An SSLContext whose server sockets do the TLS handshake in the association's
+    thread: pynetdicom wraps accepted sockets in its accept loop, where a blocking
+    handshake would let one silent or plain-TCP client stall every other sender.
+
+    The handshake then happens on the first read (OpenSSL completes it implicitly);
+    the socket's timeout (the network timeout) bounds a peer that never finishes it.
+    """
+
+    handshake_timeout_s: float = 60.0
+
+    def wrap_socket(self, sock: Any, server_side: bool = False, do_handshake_on_connect: bool = True,
+                    *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if server_side:
+            sock.settimeout(self.handshake_timeout_s)
+            do_handshake_on_connect = False
+        return super().wrap_socket(sock, server_side, do_handshake_on_connect, *args, **kwargs)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server TLS context of ``dicom.tls_*`` (None without ``tls_cert``): TLS 1.2 or
+    later (BCP 195, as PS3.15 B.9 profiles require); client certificates verified
+    against ``tls_ca`` when it is set. Raises ``OSError``/``ssl.SSLError`` on bad files."""
+    dicom = settings.dicom
+    if dicom.tls_cert is None:
+        return None
+    context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.handshake_timeout_s = dicom.network_timeout_s
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(dicom.tls_cert, dicom.tls_key)
+    if dicom.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=dicom.tls_ca)
+    return context
