@@ -130,52 +130,28 @@ def worker_spec(settings: Settings) -> ChildSpec:
     )
 
 
-def dicom_gateway_spec(settings: Settings) -> ChildSpec:
-    """The DICOM C-STORE/C-ECHO SCP (PS3.4 Annex B)."""
-    host, port = settings.bind_host, settings.dicom.port
-    return ChildSpec(
-        name="dicom-gateway",
-        argv=procs.python_module("gateways.dicom_scp"),
-        ready=port_ready(host, port),
-        ports=[
-            PortClaim(port, "RADSTREAM_DICOM_PORT", "the DICOM gateway", host),
-            PortClaim(settings.metrics.gateway_port, "RADSTREAM_METRICS_GATEWAY_PORT", "the gateway's metrics", host),
-        ],
-        summary=f"{settings.dicom.ae_title}@{host}:{port}  (DICOM C-STORE/C-ECHO)",
-    )
-
-
-def hl7_gateway_spec(settings: Settings) -> ChildSpec:
-    """The HL7 v2 MLLP listener for ORM^O01 orders and ADT updates (HL7 v2.5 Appendix C)."""
-    host, port = settings.bind_host, settings.hl7.port
-    return ChildSpec(
-        name="hl7-gateway",
-        argv=procs.python_module("gateways.hl7_mllp"),
-        ready=port_ready(host, port),
-        ports=[
-            PortClaim(port, "RADSTREAM_HL7_PORT", "the HL7 MLLP gateway", host),
-            PortClaim(settings.metrics.hl7_gateway_port, "RADSTREAM_METRICS_HL7_GATEWAY_PORT",
-                      "the HL7 gateway's metrics", host),
-        ],
-        summary=f"{host}:{port}  (HL7 v2 MLLP: {settings.hl7.message_types})",
-    )
-
-
-def stow_gateway_spec(settings: Settings) -> ChildSpec:
-    """The DICOMweb STOW-RS endpoint (PS3.18 10.5), HTTPS when ``stow.tls_cert``/``tls_key`` are set."""
-    host, port = settings.bind_host, settings.stow.port
+def gateway_specs(settings: Settings) -> list[ChildSpec]:
+    """The gateways, each ready once it listens: the DICOM C-STORE/C-ECHO SCP (PS3.4 Annex B),
+    the HL7 v2 MLLP listener for orders and ADT updates (HL7 v2.5 Appendix C) and the
+    DICOMweb STOW-RS endpoint (PS3.18 10.5, HTTPS when ``stow.tls_cert``/``tls_key`` are set)."""
+    host, metrics = settings.bind_host, settings.metrics
     scheme = "https" if settings.stow.tls_cert and settings.stow.tls_key else "http"
-    return ChildSpec(
-        name="stow-gateway",
-        argv=procs.python_module("gateways.stow_rs"),
-        ready=port_ready(host, port),
-        ports=[
-            PortClaim(port, "RADSTREAM_STOW_PORT", "the STOW-RS gateway", host),
-            PortClaim(settings.metrics.stow_gateway_port, "RADSTREAM_METRICS_STOW_GATEWAY_PORT",
-                      "the STOW-RS gateway's metrics", host),
-        ],
-        summary=f"{scheme}://{host}:{port}/dicomweb  (DICOMweb STOW-RS, bearer tokens)",
-    )
+    table = [  # name, module, (port, variable, what), (metrics port, variable, what), summary
+        ("dicom-gateway", "gateways.dicom_scp", (settings.dicom.port, "RADSTREAM_DICOM_PORT", "the DICOM gateway"),
+         (metrics.gateway_port, "RADSTREAM_METRICS_GATEWAY_PORT", "the gateway's metrics"),
+         f"{settings.dicom.ae_title}@{host}:{settings.dicom.port}  (DICOM C-STORE/C-ECHO)"),
+        ("hl7-gateway", "gateways.hl7_mllp", (settings.hl7.port, "RADSTREAM_HL7_PORT", "the HL7 MLLP gateway"),
+         (metrics.hl7_gateway_port, "RADSTREAM_METRICS_HL7_GATEWAY_PORT", "the HL7 MLLP gateway's metrics"),
+         f"{host}:{settings.hl7.port}  (HL7 v2 MLLP: {settings.hl7.message_types})"),
+        ("stow-gateway", "gateways.stow_rs", (settings.stow.port, "RADSTREAM_STOW_PORT", "the STOW-RS gateway"),
+         (metrics.stow_gateway_port, "RADSTREAM_METRICS_STOW_GATEWAY_PORT", "the STOW-RS gateway's metrics"),
+         f"{scheme}://{host}:{settings.stow.port}/dicomweb  (DICOMweb STOW-RS, bearer tokens)"),
+    ]
+    return [
+        ChildSpec(name=name, argv=procs.python_module(module), ready=port_ready(host, port[0]),
+                  ports=[PortClaim(*port, host), PortClaim(*metrics_port, host)], summary=summary)
+        for name, module, port, metrics_port, summary in table
+    ]
 
 
 def objectstore_spec(settings: Settings) -> ChildSpec | None:
@@ -230,8 +206,7 @@ def default_specs(settings: Settings) -> list[ChildSpec]:
     store = objectstore_spec(settings)
     return [
         *([store] if store else []),
-        broker_spec(settings), warehouse_spec(settings), worker_spec(settings), dicom_gateway_spec(settings),
-        hl7_gateway_spec(settings), stow_gateway_spec(settings),
+        broker_spec(settings), warehouse_spec(settings), worker_spec(settings), *gateway_specs(settings),
     ]
 
 
