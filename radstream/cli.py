@@ -146,7 +146,7 @@ def run_demo(settings: Settings) -> None:
 
     from radstream.send import iter_files, send_files
     from radstream.supervisor import connect_host
-    from schemas import warehouse
+    from adapters import warehouse
 
     paths = demo_paths()
     studies = set()
@@ -286,7 +286,7 @@ def _console() -> Any:
 @click.pass_context
 def worklist(ctx: click.Context, as_json: bool, limit: int) -> int:
     """The current worklist (latest version of each study), in reading order."""
-    from schemas import warehouse
+    from adapters import warehouse
 
     settings = _settings(ctx)
     try:
@@ -316,7 +316,7 @@ _RESULT_PREFIXES = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXP
 @click.pass_context
 def query(ctx: click.Context, sql: str, fmt: str) -> int:
     """Run SQL against the warehouse and print the result."""
-    from schemas import warehouse
+    from adapters import warehouse
 
     settings = _settings(ctx)
     try:

@@ -1,7 +1,7 @@
 """Wiring of the Faust app: the app itself, and each stage's agents attached in order.
 
 Nothing here decides anything about studies; each stage module owns its pure logic
-and a thin ``register(ctx)`` that attaches its agent. The consumer session timeout is
+and a thin ``register(ctx)`` that declares its stage to the runner (:mod:`streams.runner`). The consumer session timeout is
 a setting because Tansu's group join takes about half of it (6 s joins in ~3 s).
 """
 
@@ -16,7 +16,8 @@ from schemas.settings import Settings
 from streams import assemble, deidentify, offsets_compat, orders, route, sink
 from streams.context import StreamContext
 
-#: stages in pipeline order; de-identification, inference and priors slot in between
+#: stages in pipeline order; de-identification, inference and priors slot in between.
+#: Of the stages reading one topic, the first here dead-letters its bad messages.
 STAGES = (assemble, deidentify, orders, route, sink)
 
 

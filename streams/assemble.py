@@ -10,6 +10,9 @@ changelog once instead of rewriting a growing list). The clock is an argument: t
 quiet period is closed by wall-clock time through :func:`decide`, which the worker calls
 from a timer, not by the arrival of a later message on the partition.
 
+The Faust side is :class:`Assembly`: the two typed tables and the handlers the stage
+runner (:mod:`streams.runner`) calls for instances and for clock ticks.
+
 A late instance after a study was assembled re-opens it; the next assembly is a new
 *version* of the study carrying every instance, so downstream stages and the worklist
 replace the earlier version instead of losing the late image.
@@ -18,17 +21,25 @@ replace the earlier version instead of losing the late image.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
+from adapters.telemetry import STUDIES_ASSEMBLED, get_logger
 from schemas.events import (
+    AssemblyTimer,
     CompletionReason,
     InstanceReceived,
     InstanceRef,
     SeriesSummary,
     StudyAssembled,
+    utcnow,
 )
+from schemas.topics import ASSEMBLY_TIMER, INSTANCE_RECEIVED, STUDY_ASSEMBLED
+from streams.runner import Output, Stage, run_stage
+from streams.state import TableState, TypedTable
+
+log = get_logger("radstream.assemble")
 
 _STUDY_LEVEL = (
     "accession_number", "patient_id", "patient_name", "patient_birth_date", "patient_sex",
@@ -37,7 +48,7 @@ _STUDY_LEVEL = (
 
 
 @dataclass(frozen=True)
-class StoredInstance:
+class StoredInstance(TableState):
     """What the assembler keeps of one instance (no pixel data: that is in the blob store)."""
 
     sop_instance_uid: str
@@ -57,16 +68,9 @@ class StoredInstance:
     def of(cls, event: InstanceReceived) -> StoredInstance:
         return cls(**{name: getattr(event, name) for name in cls.__dataclass_fields__})
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StoredInstance:
-        return cls(**data)
-
 
 @dataclass(frozen=True)
-class StudyProgress:
+class StudyProgress(TableState):
     """Assembly state of one study."""
 
     study_uid: str
@@ -80,19 +84,6 @@ class StudyProgress:
     version: int = 0  # last assembled version; 0 = never assembled
     pending: bool = True  # instances arrived that no assembled version contains
     metadata: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("first_received_at", "last_received_at", "last_seen_at"):
-            data[key] = int(getattr(self, key).timestamp() * 1000)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StudyProgress:
-        values = dict(data)
-        for key in ("first_received_at", "last_received_at", "last_seen_at"):
-            values[key] = datetime.fromtimestamp(values[key] / 1000, UTC)
-        return cls(**values)
 
 
 class Action(enum.Enum):
@@ -221,132 +212,110 @@ def _unique(values) -> list[str]:
     return list(dict.fromkeys(v for v in values if v))
 
 
-# ---------------------------------------------------------------- the thin Faust agent
+# ---------------------------------------------------------------- the stage over its tables
 
 
-def register(ctx) -> None:
-    """Attach the assembly agent, its two tables and its clock to the Faust app."""
-    from schemas.codec import DecodeError
-    from schemas.events import AssemblyTimer, utcnow
-    from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, STUDIES_ASSEMBLED, get_logger
-    from schemas.topics import ASSEMBLY_TIMER, INSTANCE_RECEIVED, STUDY_ASSEMBLED
+class Assembly:
+    """The assembly stage over its two tables: the handlers the runner calls, and the
+    ticks the clock sends for studies whose time may have come."""
 
-    log = get_logger("radstream.assemble")
-    app, settings = ctx.app, ctx.settings
-    quiet = timedelta(seconds=settings.assembly.quiet_period_s)
-    retention = timedelta(hours=settings.assembly.retention_h)
-    partitions = settings.kafka.partitions
-    # keys are strings, values JSON dicts (StudyProgress / StoredInstance .to_dict()); a
-    # Faust model type here would make recovery call .from_data on plain dicts
-    studies = app.Table("assembly-studies", partitions=partitions)
-    instances = app.Table("assembly-instances", partitions=partitions)
-    # study_uid -> SOP UIDs stored; a cache over `instances`, rebuilt from it when stale
-    index: dict[str, set[str]] = {}
-    # study_uid -> (state marker, when asked): the clock asks once per state change
-    asked: dict[str, tuple[Any, datetime]] = {}
-    # Open studies restored from the changelog must not close before the instances still
-    # unread on the topic (the backlog of a crash) had their chance to arrive: the quiet
-    # period counts from when this worker last finished a rebalance (recovery done,
-    # consumption resuming), not from process start -- recovery can outlast it.
-    resumed = {"at": utcnow()}
+    def __init__(self, studies: TypedTable[StudyProgress], instances: TypedTable[StoredInstance],
+                 quiet_period: timedelta, retention: timedelta) -> None:
+        self.studies, self.instances = studies, instances  # keyed by study_uid / "study_uid|sop_uid"
+        self.quiet_period, self.retention = quiet_period, retention
+        # study_uid -> SOP UIDs stored; a cache over `instances`, rebuilt from it when stale
+        self.index: dict[str, set[str]] = {}
+        # study_uid -> (state marker, when asked): the clock asks once per state change
+        self.asked: dict[str, tuple[Any, datetime]] = {}
+        # Open studies restored from the changelog must not close before the instances still
+        # unread on the topic (the backlog of a crash) had their chance to arrive: the quiet
+        # period counts from when this worker last finished a rebalance (recovery done,
+        # consumption resuming), not from process start -- recovery can outlast it.
+        self.resumed_at = utcnow()
 
-    @app.on_rebalance_complete.connect
-    async def _consumption_resumes(sender, **kwargs) -> None:
-        resumed["at"] = utcnow()
-    # Instances and clock ticks share one stream, so a tick is processed in order with
-    # the instances of its partition, and may modify the tables (Faust allows table
-    # writes only inside stream iteration).
-    source = app.topic(
-        INSTANCE_RECEIVED.name(settings), ASSEMBLY_TIMER.name(settings),
-        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-    )
+    def on_instance(self, event: InstanceReceived) -> list[Output]:
+        now = utcnow()
+        key = f"{event.study_uid}|{event.sop_instance_uid}"
+        progress, stored = add_instance(self.studies.get(event.study_uid), event, self.instances.get(key), now)
+        if stored is None:
+            log.info("duplicate instance ignored", trace_id=event.trace_id, sop_instance_uid=event.sop_instance_uid)
+            return []
+        self.instances[key] = stored
+        self.index.setdefault(event.study_uid, set()).add(event.sop_instance_uid)
+        self.studies[event.study_uid] = progress
+        return self._emit(progress, now) if complete_by_count(progress) else []
 
-    def stored_of(progress: StudyProgress) -> list[StoredInstance]:
-        sops = index.get(progress.study_uid)
-        if sops is None or len(sops) != progress.instance_count:
-            prefix = progress.study_uid + "|"
-            sops = {key[len(prefix):] for key in instances.keys() if key.startswith(prefix)}
-            index[progress.study_uid] = sops
-        return [StoredInstance.from_dict(instances[f"{progress.study_uid}|{sop}"]) for sop in sops]
+    def on_tick(self, tick: AssemblyTimer) -> list[Output]:
+        now = utcnow()
+        progress = self.studies.get(tick.study_uid)
+        if progress is None:
+            return []
+        action = decide(progress, now, self.quiet_period, self.retention, self.resumed_at)
+        if action is Action.ASSEMBLE:
+            return self._emit(progress, now)
+        if action is Action.EXPIRE:
+            for sop in self._stored_sops(tick.study_uid):
+                del self.instances[f"{tick.study_uid}|{sop}"]
+            del self.studies[tick.study_uid]
+            self.index.pop(tick.study_uid, None)
+        return []
 
-    async def emit(progress: StudyProgress, now: datetime) -> None:
-        progress, assembled = assemble(progress, stored_of(progress), now)
-        studies[progress.study_uid] = progress.to_dict()
-        await ctx.send(STUDY_ASSEMBLED, assembled)
+    def due_ticks(self, now: datetime) -> list[AssemblyTimer]:
+        """Ticks for the studies the clock says something about; reads only, because the
+        tick travels through the topic to the agent, which decides again."""
+        ticks = []
+        for study_uid, progress in self.studies.items():
+            if decide(progress, now, self.quiet_period, self.retention, self.resumed_at) is Action.WAIT:
+                continue
+            marker = (progress.last_seen_at, progress.version, progress.pending)
+            previous = self.asked.get(study_uid)
+            if previous and previous[0] == marker and now - previous[1] < self.quiet_period:
+                continue  # asked already; ask again only if the tick seems lost
+            self.asked[study_uid] = (marker, now)
+            ticks.append(AssemblyTimer(study_uid=study_uid, due_at=now))
+        for study_uid in set(self.asked) - set(self.studies.keys()):
+            del self.asked[study_uid]
+        return ticks
+
+    def _emit(self, progress: StudyProgress, now: datetime) -> list[Output]:
+        progress, assembled = assemble(progress, self._stored_of(progress), now)
+        self.studies[progress.study_uid] = progress
         STUDIES_ASSEMBLED.labels(assembled.completion_reason.value).inc()
         log.info("study assembled", trace_id=assembled.trace_id, version=assembled.version,
                  instances=assembled.instance_count, reason=assembled.completion_reason.value)
+        return [(STUDY_ASSEMBLED, assembled)]
 
-    async def on_instance(event: InstanceReceived, now: datetime) -> None:
-        key = f"{event.study_uid}|{event.sop_instance_uid}"
-        previous = instances.get(key)
-        current = studies.get(event.study_uid)
-        progress, stored = add_instance(
-            StudyProgress.from_dict(current) if current else None, event,
-            StoredInstance.from_dict(previous) if previous else None, now,
-        )
-        if stored is None:
-            log.info("duplicate instance ignored", trace_id=event.trace_id, sop_instance_uid=event.sop_instance_uid)
-            return
-        instances[key] = stored.to_dict()
-        index.setdefault(event.study_uid, set()).add(event.sop_instance_uid)
-        studies[event.study_uid] = progress.to_dict()
-        if complete_by_count(progress):
-            await emit(progress, now)
+    def _stored_of(self, progress: StudyProgress) -> list[StoredInstance]:
+        sops = self.index.get(progress.study_uid)
+        if sops is None or len(sops) != progress.instance_count:
+            sops = self.index[progress.study_uid] = self._stored_sops(progress.study_uid)
+        return [self.instances[f"{progress.study_uid}|{sop}"] for sop in sops]
 
-    async def on_tick(tick: AssemblyTimer, now: datetime) -> None:
-        current = studies.get(tick.study_uid)
-        if current is None:
-            return
-        progress = StudyProgress.from_dict(current)
-        action = decide(progress, now, quiet, retention, resumed["at"])
-        if action is Action.ASSEMBLE:
-            await emit(progress, now)
-        elif action is Action.EXPIRE:
-            for sop in {key.split("|", 1)[1] for key in instances.keys() if key.startswith(tick.study_uid + "|")}:
-                del instances[f"{tick.study_uid}|{sop}"]
-            del studies[tick.study_uid]
-            index.pop(tick.study_uid, None)
+    def _stored_sops(self, study_uid: str) -> set[str]:
+        prefix = study_uid + "|"
+        return {key[len(prefix):] for key in self.instances.keys() if key.startswith(prefix)}
 
-    @app.agent(source, name="assemble")
-    async def assemble_agent(stream) -> None:
-        async for event in stream.events():
-            try:
-                decoded = ctx.codec.decode(event.value)
-            except DecodeError as exc:
-                await ctx.dead_letter("assemble", "undecodable", str(exc), event)
-                continue
-            now = utcnow()
-            try:
-                with STAGE_SECONDS.labels("assemble").time():
-                    if isinstance(decoded, InstanceReceived):
-                        await on_instance(decoded, now)
-                    elif isinstance(decoded, AssemblyTimer):
-                        await on_tick(decoded, now)
-                    else:
-                        await ctx.dead_letter("assemble", "unexpected_event",
-                                              f"{type(decoded).__name__} does not belong on {event.message.topic}", event)
-                        continue
-            except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
-                log.exception("assembly failed", study_uid=getattr(decoded, "study_uid", None))
-                await ctx.dead_letter("assemble", "stage_error", f"{type(exc).__name__}: {exc}", event,
-                                      trace_id=getattr(decoded, "trace_id", None))
-                continue
-            STAGE_EVENTS.labels("assemble", "ok").inc()
 
-    @app.timer(interval=settings.assembly.scan_interval_s, name="assembly-clock")
+def register(ctx) -> None:
+    """Attach the assembly agent (instance.received + assembly.timer), its tables and its clock."""
+    settings = ctx.settings
+    assembly = Assembly(
+        TypedTable.declare(ctx, "assembly-studies", StudyProgress),
+        TypedTable.declare(ctx, "assembly-instances", StoredInstance),
+        quiet_period=timedelta(seconds=settings.assembly.quiet_period_s),
+        retention=timedelta(hours=settings.assembly.retention_h),
+    )
+
+    @ctx.app.on_rebalance_complete.connect
+    async def _consumption_resumes(sender, **kwargs) -> None:
+        assembly.resumed_at = utcnow()
+
+    # Ticks share the instances' stream, so a tick is processed in order with the
+    # instances of its partition and may modify the tables.
+    run_stage(ctx, Stage("assemble", (INSTANCE_RECEIVED, ASSEMBLY_TIMER),
+                         {InstanceReceived: assembly.on_instance, AssemblyTimer: assembly.on_tick}))
+
+    @ctx.app.timer(interval=settings.assembly.scan_interval_s, name="assembly-clock")
     async def assembly_clock() -> None:
-        # Reads only: the tick travels through the topic to the agent, which decides again.
-        now = utcnow()
-        for study_uid, raw in list(studies.items()):
-            progress = StudyProgress.from_dict(raw)
-            if decide(progress, now, quiet, retention, resumed["at"]) is Action.WAIT:
-                continue
-            marker = (progress.last_seen_at, progress.version, progress.pending)
-            previous = asked.get(study_uid)
-            if previous and previous[0] == marker and now - previous[1] < quiet:
-                continue  # asked already; ask again only if the tick seems lost
-            asked[study_uid] = (marker, now)
-            await ctx.send(ASSEMBLY_TIMER, AssemblyTimer(study_uid=study_uid, due_at=now))
-        for study_uid in set(asked) - set(studies.keys()):
-            del asked[study_uid]
+        for tick in assembly.due_ticks(utcnow()):
+            await ctx.send(ASSEMBLY_TIMER, tick)

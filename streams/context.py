@@ -2,7 +2,10 @@
 
 Agents consume raw bytes and decode with :class:`schemas.codec.Codec` themselves, so a
 message that is not a valid event becomes a dead-letter event with its reason, instead
-of an exception that would kill the agent (Faust's own deserialisation would).
+of an exception that would kill the agent (Faust's own deserialisation would). Several
+agents may read one topic; the first wired to it answers for its bad messages (not an
+event, or not the topic's event), so one bad message gives one dead letter however
+many stages read it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class StreamContext:
     settings: Settings
     codec: Codec
     topics: dict[str, faust.TopicT] = field(default_factory=dict)
+    #: topic name -> the stage that dead-letters its bad messages
+    bad_message_owners: dict[str, str] = field(default_factory=dict)
 
     def topic(self, spec: TopicSpec) -> faust.TopicT:
         name = spec.name(self.settings)
@@ -39,6 +44,22 @@ class StreamContext:
                 partitions=self.settings.kafka.partitions, internal=False,
             )
         return self.topics[name]
+
+    def source(self, *specs: TopicSpec) -> faust.TopicT:
+        """What one agent consumes. Two topics make one stream, so their events reach the
+        agent in partition order and it may write its tables for either (Faust allows
+        table writes only inside stream iteration)."""
+        if len(specs) == 1:
+            return self.topic(specs[0])
+        return self.app.topic(
+            *(spec.name(self.settings) for spec in specs),
+            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        )
+
+    def owns_bad_messages(self, spec: TopicSpec, stage: str) -> bool:
+        """Whether ``stage`` dead-letters the bad messages of ``spec``: the first stage to
+        ask about a topic does, every later reader skips them."""
+        return self.bad_message_owners.setdefault(spec.name(self.settings), stage) == stage
 
     async def send(self, spec: TopicSpec, event: Record) -> None:
         await self.topic(spec).send(key=key_of(spec, event), value=self.codec.encode(event, spec.name(self.settings)))

@@ -13,7 +13,9 @@ the de-identified study can still land on the original worklist row.
 Instances that may show burned-in PHI are quarantined on ``deid.quarantine`` with the
 reason (never passed on silently); the rest of the study goes on. UIDs and the
 pseudonym are keyed HMACs (:mod:`schemas.deid.keys`), so workers handling different
-versions or halves of one study agree without sharing state.
+versions or halves of one study agree without sharing state. The blob reads and
+writes go through a port passed in (:class:`InstanceBlobs`), so :func:`run` is tested
+with a local store and no broker.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
-from schemas.blobs import BlobStore
+from adapters.telemetry import get_logger
+from deid.engine import DeidentifiedInstance, NotDicom, Quarantined, deidentify_instance
+from schemas.blobs import BlobRef
+from schemas.deid.keys import DeidKeys
+from schemas.deid.policy import Policy
 from schemas.events import (
     DeadLetter,
     InstanceRef,
@@ -31,12 +38,25 @@ from schemas.events import (
     StudyDeidentified,
     StudyLink,
     trace_id_for,
+    utcnow,
 )
-from deid.engine import DeidentifiedInstance, NotDicom, Quarantined, deidentify_instance
-from schemas.deid.keys import DeidKeys
-from schemas.deid.policy import Policy
+from schemas.topics import DEID_QUARANTINE, STUDY_ASSEMBLED, STUDY_DEIDENTIFIED, STUDY_LINK
+from streams.runner import Output, Stage, run_stage
 
 STAGE = "deidentify"
+
+log = get_logger("radstream.deidentify")
+
+
+class InstanceBlobs(Protocol):
+    """The blob I/O de-identification does: read an identified instance, write a
+    de-identified one. Every :class:`schemas.blobs.BlobStore` is one."""
+
+    def get(self, uri: str) -> bytes:
+        ...
+
+    def put(self, key: str, data: bytes) -> BlobRef:
+        ...
 
 
 def deid_key(instance: DeidentifiedInstance) -> str:
@@ -50,26 +70,33 @@ class DeidOutcome:
     link: StudyLink | None
     quarantined: list[DeadLetter] = field(default_factory=list)
 
+    def outputs(self) -> list[Output]:
+        """What to publish: held instances first, then the link before the study it links."""
+        held: list[Output] = [(DEID_QUARANTINE, letter) for letter in self.quarantined]
+        if self.deidentified is None:
+            return held
+        return [*held, (STUDY_LINK, self.link), (STUDY_DEIDENTIFIED, self.deidentified)]
 
-def run(study: StudyAssembled, store: BlobStore, policy: Policy, keys: DeidKeys, now: datetime,
+
+def run(study: StudyAssembled, blobs: InstanceBlobs, policy: Policy, keys: DeidKeys, now: datetime,
         deidentify: Callable[..., DeidentifiedInstance] = deidentify_instance) -> DeidOutcome:
     """De-identify every instance of one study version; write the blobs; build the events.
 
     Returns no study event when every instance was quarantined (nothing may go on).
     """
     site = policy.for_site(study.source_site)
-    done: list[DeidentifiedInstance] = []
+    done: list[tuple[DeidentifiedInstance, BlobRef]] = []
     quarantined: list[DeadLetter] = []
     for ref in study.instances:
         try:
-            result = deidentify(store.get(ref.blob_uri), site, keys)
+            result = deidentify(blobs.get(ref.blob_uri), site, keys)
         except Quarantined as exc:
             quarantined.append(_held(study, ref, "burned_in_phi", exc.reason, now))
             continue
         except NotDicom as exc:
             quarantined.append(_held(study, ref, "not_dicom", str(exc), now))
             continue
-        blob = store.put(deid_key(result), result.data)
+        blob = blobs.put(deid_key(result), result.data)
         done.append((result, blob))
     if not done:
         return DeidOutcome(None, None, quarantined)
@@ -112,49 +139,21 @@ def _held(study: StudyAssembled, ref: InstanceRef, reason: str, error: str, now:
                       failed_at=now, trace_id=study.trace_id, key=study.study_uid, payload_uri=ref.blob_uri)
 
 
-# ---------------------------------------------------------------- the thin Faust agent
-
-
 def register(ctx) -> None:
     """Attach the de-identification agent: study.assembled -> study.deidentified + study.link."""
-    import asyncio
-
     from adapters.blobs import open_blob_store
-    from schemas.codec import DecodeError
-    from schemas.events import utcnow
-    from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
-    from schemas.topics import DEID_QUARANTINE, STUDY_ASSEMBLED, STUDY_DEIDENTIFIED, STUDY_LINK
     from schemas.deid.keys import load_keys
     from schemas.deid.policy import load_policy
 
-    log = get_logger("radstream.deidentify")
     policy = load_policy(ctx.settings.deid.policy_file)  # an invalid policy stops the worker at start
     keys = load_keys(ctx.settings)
-    store = open_blob_store(ctx.settings)
+    blobs = open_blob_store(ctx.settings)
 
-    @ctx.app.agent(ctx.topic(STUDY_ASSEMBLED), name="deidentify")
-    async def deidentify_agent(stream) -> None:
-        async for event in stream.events():
-            try:
-                study = ctx.codec.decode(event.value, StudyAssembled)
-            except DecodeError as exc:
-                await ctx.dead_letter(STAGE, "undecodable", str(exc), event)
-                continue
-            try:
-                with STAGE_SECONDS.labels(STAGE).time():
-                    # blob I/O and parsing off the event loop, so heartbeats keep flowing
-                    outcome = await asyncio.to_thread(run, study, store, policy, keys, utcnow())
-            except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
-                log.exception("de-identification failed", trace_id=study.trace_id)
-                await ctx.dead_letter(STAGE, "stage_error", f"{type(exc).__name__}: {exc}", event,
-                                      trace_id=study.trace_id)
-                continue
-            for letter in outcome.quarantined:
-                await ctx.send(DEID_QUARANTINE, letter)
-            if outcome.deidentified is not None:
-                await ctx.send(STUDY_LINK, outcome.link)
-                await ctx.send(STUDY_DEIDENTIFIED, outcome.deidentified)
-            STAGE_EVENTS.labels(STAGE, "ok").inc()
-            log.info("study de-identified", trace_id=study.trace_id, version=study.version,
-                     instances=outcome.deidentified.instance_count if outcome.deidentified else 0,
-                     quarantined=len(outcome.quarantined))
+    def deidentify_study(study: StudyAssembled) -> list[Output]:
+        outcome = run(study, blobs, policy, keys, utcnow())
+        log.info("study de-identified", trace_id=study.trace_id, version=study.version,
+                 instances=outcome.deidentified.instance_count if outcome.deidentified else 0,
+                 quarantined=len(outcome.quarantined))
+        return outcome.outputs()
+
+    run_stage(ctx, Stage(STAGE, (STUDY_ASSEMBLED,), {StudyAssembled: deidentify_study}, blocking=True))

@@ -22,33 +22,24 @@ pure functions below are the whole join logic and are unit-tested.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from schemas.codec import Codec
+from adapters.telemetry import get_logger
 from schemas.events import OrderReceived, StudyAssembled, trace_id_for
+from schemas.topics import ORDER_RECEIVED, STUDY_ASSEMBLED, STUDY_BY_ACCESSION, STUDY_ORDER
+from streams.runner import Output, Stage, Unexpected, run_stage
+from streams.state import TableState, TypedTable
+
+log = get_logger("radstream.orders")
 
 
 @dataclass(frozen=True)
-class OrderJoin:
+class OrderJoin(TableState):
     """Join state of one accession number."""
 
     accession_number: str
     order: OrderReceived | None = None
     studies: dict[str, str] = field(default_factory=dict)  # study_uid -> trace_id
-
-    def to_dict(self, codec: Codec) -> dict[str, Any]:
-        return {
-            "accession_number": self.accession_number,
-            "order": base64.b64encode(codec.encode(self.order)).decode() if self.order else None,
-            "studies": dict(self.studies),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], codec: Codec) -> OrderJoin:
-        order = codec.decode(base64.b64decode(data["order"]), OrderReceived) if data.get("order") else None
-        return cls(accession_number=data["accession_number"], order=order, studies=dict(data.get("studies") or {}))
 
 
 def rekey(study: StudyAssembled) -> StudyAssembled | None:
@@ -91,67 +82,38 @@ def on_study(state: OrderJoin | None, study: StudyAssembled) -> tuple[OrderJoin,
     return state, [for_study(state.order, study.study_uid, study.trace_id)]
 
 
-# ---------------------------------------------------------------- the thin Faust agents
+# ---------------------------------------------------------------- the stages
 
 
 def register(ctx) -> None:
-    """Attach ``rekey`` (study.assembled -> orders.study-by-accession) and ``join``
-    (order.received + orders.study-by-accession -> study.order)."""
-    from schemas.codec import DecodeError
-    from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
-    from schemas.topics import ORDER_RECEIVED, STUDY_ASSEMBLED, STUDY_BY_ACCESSION, STUDY_ORDER
+    """Attach ``orders-rekey`` (study.assembled -> orders.study-by-accession) and ``orders``,
+    the join (order.received + orders.study-by-accession -> study.order)."""
+    joins = TypedTable.declare(ctx, "orders-by-accession", OrderJoin)
 
-    log = get_logger("radstream.orders")
-    app, settings, codec = ctx.app, ctx.settings, ctx.codec
-    joins = app.Table("orders-by-accession", partitions=settings.kafka.partitions)
-    # Orders and re-keyed studies share one stream, so the table is written only inside
-    # stream iteration, in partition order (both topics are keyed by accession number).
-    source = app.topic(
-        ORDER_RECEIVED.name(settings), STUDY_BY_ACCESSION.name(settings),
-        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-    )
+    def rekeyed(study: StudyAssembled) -> list[Output]:
+        travelling = rekey(study)
+        return [] if travelling is None else [(STUDY_BY_ACCESSION, travelling)]
 
-    @app.agent(ctx.topic(STUDY_ASSEMBLED), name="orders-rekey")
-    async def rekey_agent(stream) -> None:
-        async for event in stream.events():
-            try:
-                study = codec.decode(event.value, StudyAssembled)
-            except DecodeError:
-                continue  # routing dead-letters undecodable studies; one letter is enough
-            rekeyed = rekey(study)
-            if rekeyed is not None:
-                await ctx.send(STUDY_BY_ACCESSION, rekeyed)
+    def join_order(order: OrderReceived) -> list[Output]:
+        if not order.accession_number:
+            return []  # nothing to join on
+        _, joined = joins.apply(order.accession_number, on_order, order)
+        return announced(joined)
 
-    @app.agent(source, name="orders-join")
-    async def join_agent(stream) -> None:
-        async for event in stream.events():
-            try:
-                decoded = codec.decode(event.value)
-            except DecodeError as exc:
-                await ctx.dead_letter("orders", "undecodable", str(exc), event)
-                continue
-            try:
-                with STAGE_SECONDS.labels("orders").time():
-                    if isinstance(decoded, OrderReceived):
-                        if not decoded.accession_number:
-                            continue  # ADT patient update: nothing to join on
-                        key, step = decoded.accession_number, on_order
-                    elif isinstance(decoded, StudyAssembled) and decoded.accession_number:
-                        key, step = decoded.accession_number, on_study
-                    else:
-                        await ctx.dead_letter("orders", "unexpected_event",
-                                              f"{type(decoded).__name__} does not belong on {event.message.topic}", event)
-                        continue
-                    current = joins.get(key)
-                    state, joined = step(OrderJoin.from_dict(current, codec) if current else None, decoded)
-                    joins[key] = state.to_dict(codec)
-                for order in joined:
-                    await ctx.send(STUDY_ORDER, order)
-                    log.info("order joined to study", trace_id=order.trace_id, study_uid=order.study_uid,
-                             accession_number=key, priority=order.priority)
-            except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
-                log.exception("order join failed", accession_number=getattr(decoded, "accession_number", None))
-                await ctx.dead_letter("orders", "stage_error", f"{type(exc).__name__}: {exc}", event,
-                                      trace_id=getattr(decoded, "trace_id", None))
-                continue
-            STAGE_EVENTS.labels("orders", "ok").inc()
+    def join_study(study: StudyAssembled) -> list[Output]:
+        if not study.accession_number:
+            raise Unexpected("a study without accession number cannot be joined")
+        _, joined = joins.apply(study.accession_number, on_study, study)
+        return announced(joined)
+
+    def announced(joined: list[OrderReceived]) -> list[Output]:
+        for order in joined:
+            log.info("order joined to study", trace_id=order.trace_id, study_uid=order.study_uid,
+                     accession_number=order.accession_number, priority=order.priority)
+        return [(STUDY_ORDER, order) for order in joined]
+
+    run_stage(ctx, Stage("orders-rekey", (STUDY_ASSEMBLED,), {StudyAssembled: rekeyed}))
+    # Both topics are keyed by accession number: one stream, so the join table is written
+    # in partition order whichever arrives first.
+    run_stage(ctx, Stage("orders", (ORDER_RECEIVED, STUDY_BY_ACCESSION),
+                         {OrderReceived: join_order, StudyAssembled: join_study}))

@@ -10,19 +10,29 @@ The subspecialty is taken from the first matching ``[[subspecialty]]`` rule; the
 priority is the most urgent of all matching ``[[priority]]`` rules. The study's HL7
 order, joined by :mod:`streams.orders` and read from ``study.order``, adds clinical
 context: a STAT order makes it at least URGENT and its reason for exam goes on the
-worklist. AI findings and the reader roster join this stage in later issues.
+worklist. Routing keeps, per study, the latest version and the joined order
+(:class:`RouteState`), so an order that arrives after its study was routed re-routes it:
+the same version's worklist row is replaced by one with a later ``routed_at``
+(:func:`study_arrives`, :func:`order_arrives` decide what is routed when). AI findings
+and the reader roster join this stage in later issues.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from schemas.events import OrderReceived, Priority, RoutingDecision, RuleHit, StudyAssembled, WorklistUpdate
+from adapters.telemetry import get_logger
+from schemas.events import OrderReceived, Priority, RoutingDecision, RuleHit, StudyAssembled, WorklistUpdate, utcnow
+from schemas.topics import ROUTING_DECISION, STUDY_ASSEMBLED, STUDY_ORDER, WORKLIST_UPDATE
+from streams.runner import Output, Stage, Unexpected, run_stage
+from streams.state import TableState, TypedTable
+
+log = get_logger("radstream.route")
 
 _CONDITIONS = {"modality", "body_part", "description_matches", "source_site"}
 
@@ -211,75 +221,60 @@ def route(study: StudyAssembled, rules: RuleSet, now,
     return decision, worklist
 
 
-# ---------------------------------------------------------------- the thin Faust agent
+# ---------------------------------------------------------------- what is routed when
+
+
+@dataclass(frozen=True)
+class RouteState(TableState):
+    """What routing keeps of one study: its latest version (without the instance list,
+    which routing never reads) and its joined order."""
+
+    study_uid: str
+    study: StudyAssembled | None = None
+    order: OrderReceived | None = None
+
+
+def study_arrives(state: RouteState | None, study: StudyAssembled) -> tuple[RouteState, StudyAssembled]:
+    """A study version arrives: it is routed now, with the order joined so far
+    (``state.order``); it is kept unless a later version is kept already."""
+    state = state or RouteState(study_uid=study.study_uid)
+    if state.study is None or state.study.version <= study.version:
+        state = replace(state, study=study.replace(instances=[]))
+    return state, study
+
+
+def order_arrives(state: RouteState | None, order: OrderReceived) -> tuple[RouteState, StudyAssembled | None]:
+    """The study's order arrives or changes: it is kept, and the latest version of the
+    study is routed again with it; None while no version has arrived (routed then)."""
+    state = replace(state or RouteState(study_uid=order.study_uid), order=order)
+    return state, state.study
+
+
+# ---------------------------------------------------------------- the stage
 
 
 def register(ctx) -> None:
-    """Attach the routing agent: study.assembled + study.order -> routing.decision + worklist.update.
-
-    The agent keeps, per study, the latest version (without its instance list) and the
-    joined order in two tables, so an order that arrives after its study was routed
-    re-routes it: the same version's worklist row is replaced by one with a later
-    ``routed_at``. Studies and orders share one stream so the tables are written in order.
-    """
-    import base64
-
-    from schemas.codec import DecodeError
-    from schemas.events import utcnow
-    from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
-    from schemas.topics import ROUTING_DECISION, STUDY_ASSEMBLED, STUDY_ORDER, WORKLIST_UPDATE
-
-    log = get_logger("radstream.route")
+    """Attach the routing agent: study.assembled + study.order -> routing.decision + worklist.update."""
     rules = load_rules(ctx.settings.routing.rules_file)  # invalid rules stop the worker at start
-    settings, codec = ctx.settings, ctx.codec
-    # study_uid -> base64 Avro of the latest StudyAssembled (instances dropped) / joined OrderReceived
-    studies = ctx.app.Table("route-studies", partitions=settings.kafka.partitions)
-    orders = ctx.app.Table("route-orders", partitions=settings.kafka.partitions)
-    source = ctx.app.topic(
-        STUDY_ASSEMBLED.name(settings), STUDY_ORDER.name(settings),
-        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-    )
+    states = TypedTable.declare(ctx, "route-state", RouteState)
 
-    def dump(event) -> str:
-        return base64.b64encode(codec.encode(event)).decode()
+    def routed(study: StudyAssembled | None, order: OrderReceived | None) -> list[Output]:
+        if study is None:
+            return []
+        decision, worklist = route(study, rules, utcnow(), order)
+        log.info("study routed", trace_id=study.trace_id, version=study.version, priority=decision.priority.value,
+                 subspecialty=decision.subspecialty, order=order.accession_number if order else None)
+        return [(ROUTING_DECISION, decision), (WORKLIST_UPDATE, worklist)]
 
-    def load(text: str | None, kind):
-        return codec.decode(base64.b64decode(text), kind) if text else None
+    def on_study(study: StudyAssembled) -> list[Output]:
+        state, to_route = states.apply(study.study_uid, study_arrives, study)
+        return routed(to_route, state.order)
 
-    @ctx.app.agent(source, name="route")
-    async def route_agent(stream) -> None:
-        async for event in stream.events():
-            try:
-                decoded = codec.decode(event.value)
-            except DecodeError as exc:
-                await ctx.dead_letter("route", "undecodable", str(exc), event)
-                continue
-            try:
-                with STAGE_SECONDS.labels("route").time():
-                    if isinstance(decoded, StudyAssembled):
-                        study, order = decoded, load(orders.get(decoded.study_uid), OrderReceived)
-                        known = load(studies.get(study.study_uid), StudyAssembled)
-                        if known is None or known.version <= study.version:
-                            studies[study.study_uid] = dump(study.replace(instances=[]))
-                    elif isinstance(decoded, OrderReceived) and decoded.study_uid:
-                        order = decoded
-                        orders[order.study_uid] = dump(order)
-                        study = load(studies.get(order.study_uid), StudyAssembled)
-                        if study is None:
-                            continue  # routed with this order when the study arrives
-                    else:
-                        await ctx.dead_letter("route", "unexpected_event",
-                                              f"{type(decoded).__name__} does not belong on {event.message.topic}", event)
-                        continue
-                    decision, worklist = route(study, rules, utcnow(), order)
-            except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
-                log.exception("routing failed", trace_id=getattr(decoded, "trace_id", None))
-                await ctx.dead_letter("route", "stage_error", f"{type(exc).__name__}: {exc}", event,
-                                      trace_id=getattr(decoded, "trace_id", None))
-                continue
-            await ctx.send(ROUTING_DECISION, decision)
-            await ctx.send(WORKLIST_UPDATE, worklist)
-            STAGE_EVENTS.labels("route", "ok").inc()
-            log.info("study routed", trace_id=study.trace_id, version=study.version,
-                     priority=decision.priority.value, subspecialty=decision.subspecialty,
-                     order=order.accession_number if order else None)
+    def on_order(order: OrderReceived) -> list[Output]:
+        if not order.study_uid:
+            raise Unexpected("an order on study.order must name its study_uid")
+        state, to_route = states.apply(order.study_uid, order_arrives, order)
+        return routed(to_route, state.order)
+
+    # Studies and orders share one stream, so the state is written in partition order.
+    run_stage(ctx, Stage("route", (STUDY_ASSEMBLED, STUDY_ORDER), {StudyAssembled: on_study, OrderReceived: on_order}))

@@ -10,11 +10,12 @@ from datetime import timedelta
 import pytest
 
 from radstream import procs
-from schemas.events import Alert, DeadLetter, OrderReceived, Priority, StudyLink
+from schemas.events import Alert, DeadLetter, OrderReceived, PatientUpdated, Priority, StudyLink
 from schemas.settings import Settings
 from adapters.warehouse import apply_ddl, connect, query_rows
 from streams.route import load_rules, route
-from streams.sink import group_rows, insert_rows, rows_for
+from streams.sink import group_rows, insert_rows
+from streams.sink_rows import rows_for
 from test_stages import QUIET, T0, _assembled
 
 pytestmark = pytest.mark.integration
@@ -70,3 +71,23 @@ def test_each_event_kind_lands_in_its_table_and_the_named_queries_read_it(wareho
         ("ACC-LONELY", "S", "chest pain")]
     without_order = query_rows(warehouse, "studies_without_order", limit=10)
     assert [s["study_uid"] for s in without_order] == [study.study_uid]
+
+
+def test_an_adt_update_renames_that_patient_on_the_worklist_and_no_one_else(warehouse: Settings) -> None:
+    """ADT^A08 corrects a patient's name: the identified worklist row of that patient at that
+    site shows the new name; the same patient id at another site is another patient."""
+    ours = _assembled(study="1.2.3", patient_id="P1", patient_name="DOE^JANE")
+    theirs = _assembled(study="1.2.4", patient_id="P1", patient_name="ROE^RICHARD").replace(source_site="SITE_B")
+    rows = [route(study, load_rules(), T0 + QUIET)[1] for study in (ours, theirs)]
+    update = PatientUpdated(trace_id="adt1", message_type="ADT^A08", control_id="A1", source_site="SITE_A",
+                            received_at=T0 + timedelta(minutes=5), patient_id="P1", patient_name="DOE^JANE^MARIE",
+                            patient_sex="F")
+    older = update.replace(control_id="A0", received_at=T0, patient_name="DOE^J")
+    client = connect(warehouse)
+    try:
+        for event in (*rows, update, older):  # an older update arriving late does not win
+            insert_rows(client, group_rows(rows_for(event, 0, 0, "t")))
+    finally:
+        client.close()
+    names = {row["study_uid"]: row["patient_name"] for row in query_rows(warehouse, "current_worklist", limit=10)}
+    assert names == {"1.2.3": "DOE^JANE^MARIE", "1.2.4": "ROE^RICHARD"}

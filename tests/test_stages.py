@@ -9,7 +9,7 @@ import pytest
 from schemas.events import CompletionReason, InstanceReceived, Priority, trace_id_for
 from streams.assemble import Action, StoredInstance, StudyProgress, add_instance, assemble, complete_by_count, decide
 from streams.route import RuleError, load_rules, parse_rules, route
-from streams.sink import rows_for
+from streams.sink_rows import rows_for
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 QUIET = timedelta(seconds=5)
@@ -180,3 +180,180 @@ def test_sink_rows_for_a_study_link_and_a_quarantined_instance() -> None:
     letter = DeadLetter(stage="deidentify", reason="burned_in_phi", error="US", failed_at=T0)
     (table, row), = rows_for(letter, 0, 7, "radstream.deid.quarantine")
     assert (table, row["dlq_topic"], row["dlq_offset"]) == ("dead_letters", "radstream.deid.quarantine", 7)
+
+
+# ---------------------------------------------------------------- table state, one codec
+
+
+def _order(**overrides):
+    from schemas.events import OrderReceived
+
+    return OrderReceived(trace_id="o1", accession_number="ACC9", message_type="ORM^O01", control_id="C1",
+                         source_site="SITE_A", received_at=T0, priority="S", **overrides)
+
+
+def test_every_stage_state_round_trips_through_the_one_table_codec() -> None:
+    import dataclasses
+    import json
+
+    from schemas.codec import Codec
+    from streams.orders import OrderJoin
+    from streams.route import RouteState
+
+    progress, stored = feed([instance("1", expected=3, study_description="CT HEAD", accession_number="ACC9")])
+    progress = dataclasses.replace(progress, version=2, pending=False)
+    study = _assembled(series_number=4, body_part_examined="HEAD")  # nested series, an enum, datetimes
+    states = [
+        progress,
+        next(iter(stored.values())),
+        OrderJoin(accession_number="ACC9", order=_order(), studies={"1.2.3": trace_id_for("1.2.3")}),
+        RouteState(study_uid="1.2.3", study=study.replace(instances=[]), order=_order(study_uid="1.2.3")),
+        RouteState(study_uid="1.2.4"),
+    ]
+    for state in states:
+        stored_value = json.loads(json.dumps(state.to_dict()))  # what the changelog holds
+        assert type(state).from_dict(stored_value) == state
+        assert type(state).from_dict(state.to_dict(Codec()), Codec()) == state
+
+
+def test_table_state_keeps_the_format_earlier_workers_wrote() -> None:
+    """Assembly and join state already in a changelog stays readable after an upgrade:
+    datetimes as epoch milliseconds, an order as base64 single-object Avro."""
+    import base64
+
+    from schemas.codec import Codec
+    from streams.orders import OrderJoin
+
+    progress, _ = feed([instance("1")])
+    data = progress.to_dict()
+    assert data["first_received_at"] == int(T0.timestamp() * 1000) and data["metadata"] == progress.metadata
+    order = _order()
+    written_before = {"accession_number": "ACC9", "order": base64.b64encode(Codec().encode(order)).decode(),
+                      "studies": {"1.2.3": "t"}}
+    assert OrderJoin.from_dict(written_before) == OrderJoin(accession_number="ACC9", order=order, studies={"1.2.3": "t"})
+
+
+def test_a_state_the_codec_cannot_store_fails_when_its_table_is_declared() -> None:
+    from dataclasses import dataclass
+
+    from schemas.codec import Codec
+    from streams.state import TableState, TypedTable
+
+    @dataclass(frozen=True)
+    class Unstorable(TableState):
+        seen: set[str]
+
+    with pytest.raises(TypeError, match="set"):
+        TypedTable({}, Unstorable, Codec())
+
+
+# ---------------------------------------------------------------- what routing routes when
+
+
+def test_a_late_order_re_routes_the_latest_version_with_the_order() -> None:
+    from streams.route import order_arrives, study_arrives
+
+    first, second = _assembled(), _assembled().replace(version=2)
+    state, routed = study_arrives(None, first)
+    assert routed is first and state.order is None
+    state, routed = study_arrives(state, second)
+    state, routed_again = order_arrives(state, _order(study_uid="1.2.3"))
+    assert routed_again.version == 2 and routed_again.instances == [] and state.order.priority == "S"
+
+
+def test_an_order_before_its_study_waits_and_the_study_is_routed_with_it() -> None:
+    from streams.route import order_arrives, study_arrives
+
+    state, routed = order_arrives(None, _order(study_uid="1.2.3"))
+    assert routed is None
+    state, routed = study_arrives(state, _assembled())
+    assert routed.study_uid == "1.2.3" and state.order.accession_number == "ACC9"
+    decision, row = route(routed, load_rules(), T0, state.order)
+    assert row.priority is Priority.URGENT and "order-stat: priority=URGENT" in row.reasons
+
+
+def test_an_older_version_replayed_is_routed_but_the_latest_is_kept() -> None:
+    from streams.route import study_arrives
+
+    state, _ = study_arrives(None, _assembled().replace(version=2))
+    state, routed = study_arrives(state, _assembled())
+    assert routed.version == 1 and state.study.version == 2
+
+
+# ---------------------------------------------------------------- the runner and the sink's table
+
+
+def test_a_stage_must_handle_exactly_the_events_its_topics_carry() -> None:
+    from schemas.events import AssemblyTimer
+    from schemas.topics import ASSEMBLY_TIMER, INSTANCE_RECEIVED
+    from streams.runner import Stage
+
+    Stage("assemble", (INSTANCE_RECEIVED, ASSEMBLY_TIMER), {InstanceReceived: list, AssemblyTimer: list})
+    with pytest.raises(ValueError, match="reads \\['AssemblyTimer', 'InstanceReceived'\\] but handles"):
+        Stage("assemble", (INSTANCE_RECEIVED, ASSEMBLY_TIMER), {InstanceReceived: list})
+
+
+def _ddl_columns() -> dict[str, set[str]]:
+    """Columns of every warehouse table a writer must fill (those without a server DEFAULT)."""
+    import re
+    from pathlib import Path
+
+    tables: dict[str, set[str]] = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "schemas" / "clickhouse").glob("*.sql")):
+        text = path.read_text()
+        for name, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)\s*\((.*?)\n\)", text, re.S):
+            lines = [line.strip() for line in body.strip().splitlines()]
+            tables[name] = {line.split()[0] for line in lines if line and not line.startswith("--") and " DEFAULT " not in line}
+        for name, column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", text):
+            tables[name].add(column)
+    return tables
+
+
+def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
+    from schemas.events import Alert, DeadLetter, PatientUpdated, StudyLink
+    from streams.sink_rows import SINK_TABLES, SINK_TOPICS
+
+    assert {spec.event for spec in SINK_TOPICS} == set(SINK_TABLES)
+    study = _assembled()
+    decision, row = route(study, load_rules(), T0)
+    samples = [
+        study, decision, row, _order(),
+        StudyLink(trace_id="t", study_uid="1.2.3", version=1, deid_study_uid="2.25.9", deid_trace_id="d",
+                  patient_pseudonym="P1", source_site="SITE_A", linked_at=T0),
+        Alert(trace_id="t", study_uid="1.2.3", version=1, alert_type="critical_finding", severity=Priority.CRITICAL,
+              message="ICH", raised_at=T0),
+        PatientUpdated(trace_id="a", message_type="ADT^A08", control_id="A1", source_site="SITE_A", received_at=T0,
+                       patient_id="P1", patient_name="DOE^JANE", patient_state="NV"),
+        DeadLetter(stage="assemble", reason="undecodable", error="x", failed_at=T0),
+    ]
+    assert {type(event) for event in samples} == set(SINK_TABLES)
+    ddl = _ddl_columns()
+    for event in samples:
+        for table, values in rows_for(event, 0, 1, "topic"):
+            assert set(values) == ddl[table], f"{type(event).__name__} -> {table}"
+    (table, update), = rows_for(samples[6])
+    assert table == "patient_updates" and (update["patient_id"], update["patient_state"]) == ("P1", "NV")
+
+
+def test_the_assembly_stage_handlers_over_in_memory_tables() -> None:
+    """The handlers the runner calls, with dicts for Faust tables: a study complete by count
+    is assembled at once, a quiet one when the clock's tick comes, and expired after."""
+    from schemas.codec import Codec
+    from schemas.events import AssemblyTimer, utcnow
+    from schemas.topics import STUDY_ASSEMBLED
+    from streams.assemble import Assembly
+    from streams.state import TypedTable
+
+    no_wait = timedelta(0)
+    assembly = Assembly(TypedTable({}, StudyProgress, Codec()), TypedTable({}, StoredInstance, Codec()), no_wait, no_wait)
+    assert assembly.on_instance(instance("1", expected=2)) == assembly.on_instance(instance("1", expected=2)) == []
+    (topic, counted), = assembly.on_instance(instance("2", expected=2))
+    assert topic is STUDY_ASSEMBLED and counted.completion_reason is CompletionReason.EXPECTED_COUNT_REACHED
+    assert assembly.on_instance(instance("9", study="1.2.9")) == []
+    ticks = {tick.study_uid: tick for tick in assembly.due_ticks(utcnow())}
+    assert set(ticks) == {"1.2.3", "1.2.9"}
+    (_, quiet), = assembly.on_tick(ticks["1.2.9"])
+    assert quiet.completion_reason is CompletionReason.QUIET_PERIOD_ELAPSED and quiet.instance_count == 1
+    assert assembly.on_tick(ticks["1.2.3"]) == []  # assembled and past retention: forgotten
+    assert assembly.studies.get("1.2.3") is None and assembly.instances.keys() == ["1.2.9|9"]
+    assert assembly.on_tick(AssemblyTimer(study_uid="1.2.404", due_at=T0)) == []

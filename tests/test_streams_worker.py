@@ -117,6 +117,34 @@ def test_garbage_on_the_instance_topic_is_dead_lettered_and_the_worker_lives_on(
     assert consume(worker, STUDY_ASSEMBLED, 1)[0].study_uid == "1.7.1"
 
 
+def test_a_bad_study_assembled_gives_one_dead_letter_though_four_agents_read_it(worker: Settings) -> None:
+    """De-identification, the order re-keying, routing and the sink all read study.assembled."""
+    from schemas.events import CompletionReason, InstanceRef, StudyAssembled
+    from schemas.topics import STUDY_BY_ACCESSION
+
+    now = utcnow()
+    # After the garbage, on its partition: a study that every reader acts on visibly, so
+    # when its results are out every reader is past the garbage. Its blob is missing, which
+    # makes de-identification dead-letter it: that stage's visible act.
+    follower = StudyAssembled(
+        trace_id=trace_id_for("1.4.1"), study_uid="1.4.1", version=1, source_site="SITE_A", instance_count=1,
+        modalities=["CT"], body_parts=[], series=[], first_received_at=now, last_received_at=now, assembled_at=now,
+        instances=[InstanceRef(sop_instance_uid="1.4.1.1", series_uid="1.4.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                               transfer_syntax_uid="1.2.840.10008.1.2.1", blob_uri="file:///nowhere/1.4.1.1.dcm",
+                               blob_size=10)],
+        completion_reason=CompletionReason.EXPECTED_COUNT_REACHED, accession_number="ACC-141",
+    )
+    producer, topic = Producer(producer_config(worker)), STUDY_ASSEMBLED.name(worker)
+    producer.produce(topic, key=b"1.4.1", value=b"not avro at all")
+    producer.produce(topic, key=b"1.4.1", value=Codec().encode(follower))
+    assert producer.flush(10) == 0
+    assert consume(worker, WORKLIST_UPDATE, 1)[0].study_uid == "1.4.1"  # routing
+    assert consume(worker, STUDY_BY_ACCESSION, 1)[0].study_uid == "1.4.1"  # the order join's re-keying
+    letters = consume(worker, DEAD_LETTER, 3, timeout_s=8)
+    assert sorted((d.reason, d.stage, d.source_topic, d.source_offset) for d in letters) == [
+        ("stage_error", "deidentify", topic, 1), ("undecodable", "deidentify", topic, 0)]
+
+
 def test_open_study_survives_a_worker_crash_and_is_assembled_once_after_restart(broker: Settings, tmp_path: Path) -> None:
     """The quiet-period state is in a Faust table with a changelog: SIGKILL loses nothing."""
     import signal

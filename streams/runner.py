@@ -1,0 +1,126 @@
+"""The one stage runner: every stream stage is a :class:`Stage` declaration run by :func:`run_stage`.
+
+A stage declares its source topics and, per event type it accepts, a handler that takes
+the decoded event and returns what to publish as ``(topic, event)`` pairs; the handler
+calls the stage's pure functions and reads and writes its typed tables, nothing else.
+The runner owns the rest, once for every stage: decoding, the type check, timing,
+metrics, sending, and the dead letter with its reason, source topic and offset
+(``undecodable``, ``unexpected_event``, ``stage_error`` with the trace id). A handler
+that raises never stops the agent, because Faust would not restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
+from schemas.codec import DecodeError
+from schemas.events import Record
+from schemas.topics import TopicSpec
+
+if TYPE_CHECKING:
+    import faust
+
+    from streams.context import StreamContext
+
+log = get_logger("radstream.streams")
+
+#: one event to publish, and where
+Output = tuple[TopicSpec, Record]
+Handler = Callable[[Any], list[Output]]
+
+
+class Unexpected(Exception):
+    """An event of an accepted type that this stage still has no business with
+    (dead-lettered as ``unexpected_event``, like an event of another type)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stream stage: what it reads, and its handler for the event type of each source."""
+
+    name: str  # the agent's name, the metrics label and the dead letter's ``stage``
+    sources: tuple[TopicSpec, ...]
+    handlers: Mapping[type[Record], Handler]
+    #: the handlers block (blob I/O, DICOM parsing): they run in a thread so the event
+    #: loop keeps heartbeating; such a stage must not write tables
+    blocking: bool = False
+
+    def __post_init__(self) -> None:
+        carried = {spec.event for spec in self.sources}
+        if carried != set(self.handlers):
+            raise ValueError(f"stage {self.name!r} reads {sorted(t.__name__ for t in carried)} but handles "
+                             f"{sorted(t.__name__ for t in self.handlers)}")
+
+
+def run_stage(ctx: StreamContext, stage: Stage) -> None:
+    """Attach ``stage``'s agent to the Faust app."""
+    intake = Intake.of(ctx, stage.name, stage.sources)
+
+    async def agent(stream) -> None:
+        async for message in stream.events():
+            event = await intake.accept(ctx, message)
+            if event is not None:
+                await _handle(ctx, stage, message, event)
+
+    ctx.app.agent(ctx.source(*stage.sources), name=stage.name)(agent)
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What one agent reads, and the topics whose bad messages it answers for: several
+    agents read ``study.assembled``, and one bad message must give one dead letter."""
+
+    stage: str
+    topics: Mapping[str, TopicSpec]  # by topic name
+    answered: frozenset[str]
+
+    @classmethod
+    def of(cls, ctx: StreamContext, stage: str, sources: tuple[TopicSpec, ...], answers: bool = True) -> Intake:
+        topics = {spec.name(ctx.settings): spec for spec in sources}
+        answered = {name for name, spec in topics.items() if answers and ctx.owns_bad_messages(spec, stage)}
+        return cls(stage, topics, frozenset(answered))
+
+    async def accept(self, ctx: StreamContext, message: faust.EventT) -> Record | None:
+        """The message's event if it is what its topic carries; else None, after the dead
+        letter if this agent answers for the topic."""
+        topic = message.message.topic
+        try:
+            event = ctx.codec.decode(message.value)
+        except DecodeError as exc:
+            event, reason, error = None, "undecodable", str(exc)
+        else:
+            if type(event) is self.topics[topic].event:
+                return event
+            reason, error = "unexpected_event", f"{type(event).__name__} does not belong on {topic}"
+        STAGE_EVENTS.labels(self.stage, reason).inc()
+        if topic in self.answered:
+            await ctx.dead_letter(self.stage, reason, error, message, trace_id=getattr(event, "trace_id", None))
+        elif topic in ctx.bad_message_owners:
+            log.debug("bad message left to the stage that answers for its topic", stage=self.stage, topic=topic,
+                      reason=reason, answered_by=ctx.bad_message_owners[topic], offset=message.message.offset)
+        else:  # a dead-letter topic: its bad messages are logged, never looped back
+            log.error("bad message not dead-lettered", stage=self.stage, topic=topic, reason=reason,
+                      offset=message.message.offset, error=error)
+        return None
+
+
+async def _handle(ctx: StreamContext, stage: Stage, message: faust.EventT, event: Record) -> None:
+    trace_id = getattr(event, "trace_id", None)
+    try:
+        with STAGE_SECONDS.labels(stage.name).time():
+            handler = stage.handlers[type(event)]
+            outputs = await asyncio.to_thread(handler, event) if stage.blocking else handler(event)
+        for spec, output in outputs:
+            await ctx.send(spec, output)
+    except Unexpected as exc:
+        await ctx.dead_letter(stage.name, "unexpected_event", str(exc), message, trace_id=trace_id)
+        return
+    except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
+        log.exception("stage failed", stage=stage.name, trace_id=trace_id)
+        await ctx.dead_letter(stage.name, "stage_error", f"{type(exc).__name__}: {exc}", message, trace_id=trace_id)
+        return
+    STAGE_EVENTS.labels(stage.name, "ok").inc()
