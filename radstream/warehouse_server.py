@@ -1,5 +1,7 @@
 """The embedded warehouse: ClickHouse's HTTP interface served over an in-process chDB engine.
 
+Over 400 lines: the engine and its HTTP handler share the request's life (statement, body, settings, errors).
+
 chDB runs the ClickHouse engine inside one process and allows only one process per data
 directory, while every radstream process talks to the warehouse with clickhouse-connect, over
 HTTP, exactly as it would to a real ClickHouse server. This module is that single owner of

@@ -95,8 +95,8 @@ def register(ctx) -> None:
         return [] if travelling is None else [(STUDY_BY_ACCESSION, travelling)]
 
     def join_order(order: OrderReceived) -> list[Output]:
-        if not order.accession_number:
-            return []  # nothing to join on
+        if not order.accession_number:  # the HL7 gateway refuses these; another producer may not
+            raise Unexpected("an order without accession number cannot be joined")
         _, joined = joins.apply(order.accession_number, on_order, order)
         return announced(joined)
 
