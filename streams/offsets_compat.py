@@ -8,7 +8,7 @@ table -- an open study's last instances -- would be silently missing after a res
 while the source offsets that produced it are already committed.
 
 :func:`install` wraps Faust's highwater lookup: for each partition it reads from the
-reported end minus one to end-of-partition (:func:`schemas.topics.end_offsets`). On a correct broker that reads one
+reported end minus one to end-of-partition (:func:`adapters.kafka.end_offsets`). On a correct broker that reads one
 record per changelog partition and changes nothing. ``kafka.verify_end_offsets``
 switches it off.
 """
