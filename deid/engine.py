@@ -26,7 +26,6 @@ cleaning pixel data is not something this stage claims to do).
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -41,7 +40,16 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from schemas.deid import OPTION_COLUMNS, load_annex_e, strictest
+from schemas.deid import (
+    DESCRIPTOR_PATTERNS,
+    INSTITUTION_IDENTITY,
+    NOT_FREE_TEXT,
+    NUMBER_AFTER_WORD,
+    NUMBERED_WORDS,
+    OPTION_COLUMNS,
+    load_annex_e,
+    strictest,
+)
 from schemas.deid.keys import DeidKeys, shift_date
 from schemas.deid.policy import OPTIONS, SitePolicy
 
@@ -59,8 +67,8 @@ _DUMMY = {"AE": "ANON", "AS": "000Y", "CS": "ANON", "DA": "19000101", "DS": "0",
           "ST": "ANONYMIZED", "TM": "000000", "UC": "ANONYMIZED", "UR": "", "UT": "ANONYMIZED"}
 #: meta attributes that name the sender (PS3.10 7.1): removed
 _META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)
-_MEASUREMENT = re.compile(r"^\d{1,4}(\.\d{1,3})?(MM|CM|ML|KV|KVP|MAS|MS|S|T|MIN|H|X)?$")
-_TOKEN = re.compile(r"[A-Za-z0-9.]+")
+#: punctuation stripped from the edges of a descriptor word before it is looked up
+_EDGE_PUNCTUATION = ".,;:!?()[]{}\"'"
 
 
 class Quarantined(Exception):
@@ -92,6 +100,9 @@ class DeidentifiedInstance:
     study_description: str | None = None
     patient_age: str | None = None
     patient_sex: str | None = None
+    #: how far this patient's dates moved (whole days, negative); times the stage puts on
+    #: de-identified events move with them, so they do not reveal the shift
+    date_shift: timedelta = timedelta(0)
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,7 @@ class _Plan:
 
 @cache
 def plan_for(policy: SitePolicy) -> _Plan:
-    columns = {OPTIONS[name][0] for name in policy.options}
+    columns = {OPTIONS[name][0] for name in policy.options} - {""}
     assert columns <= set(OPTION_COLUMNS)
     actions: dict[int, str] = {}
     for entry in load_annex_e():
@@ -125,6 +136,12 @@ def plan_for(policy: SitePolicy) -> _Plan:
         for column in OPTION_COLUMNS:  # options relax the basic action only where their column says so
             if column in columns and entry.options[column]:
                 action = entry.options[column]
+        if entry.tag in NOT_FREE_TEXT and action != "K":
+            action = NOT_FREE_TEXT[entry.tag]  # neither cleaned word by word nor given a made-up value
+        elif action == "C" and entry.vr in _BYTES_VRS:
+            action = strictest(entry.basic)  # a binary value has no words to keep: the basic action
+        if policy.retains_institution and entry.tag in INSTITUTION_IDENTITY:
+            action = "K"
         group, element = entry.tag.split(",")
         actions[int(group, 16) << 16 | int(element, 16)] = action
     return _Plan(actions, policy, "retain_longitudinal_modified_dates" in policy.options)
@@ -273,6 +290,7 @@ def deidentify_dataset(ds: Dataset, policy: SitePolicy, keys: DeidKeys,
         modality=_text(ds.get("Modality")), body_part_examined=_text(ds.get("BodyPartExamined")),
         series_description=_text(ds.get("SeriesDescription")), study_description=_text(ds.get("StudyDescription")),
         patient_age=_text(ds.get("PatientAge")), patient_sex=_text(ds.get("PatientSex")),
+        date_shift=walk.shift,
     )
 
 
@@ -427,6 +445,22 @@ def _dictionary_vr(tag: int) -> str:
     return entry[0] if entry else "UN"
 
 
+def clean_descriptor(text: str, terms: frozenset[str]) -> str:
+    """Clean Descriptors (PS3.15 E.3.5): the words of ``text`` that are vocabulary
+    (``terms``) or match an allowed pattern (:data:`schemas.deid.DESCRIPTOR_PATTERNS`,
+    :data:`schemas.deid.NUMBERED_WORDS`), in order; every other word is dropped whole."""
+    kept: list[str] = []
+    previous = ""
+    for raw in text.split():
+        stripped = raw.strip(_EDGE_PUNCTUATION)
+        word = stripped.upper()
+        if word in terms or any(pattern.match(word) for _, pattern in DESCRIPTOR_PATTERNS) or (
+                previous in NUMBERED_WORDS and NUMBER_AFTER_WORD.match(word)):
+            kept.append(stripped)
+        previous = word
+    return " ".join(kept)
+
+
 class _Walk:
     """Applies a plan to a dataset and, recursively, to every sequence item in it."""
 
@@ -529,13 +563,12 @@ class _Walk:
         elif vr in ("DA", "DT"):
             self._empty(ds, tag, vr)
         else:
-            self._dummy(ds, tag, vr)
+            # not text (OB maker notes, binary timestamps, ...): no word can be kept from it,
+            # and a made-up value of its VR would pass for a real one -- removed
+            del ds[tag]
 
     def clean_text(self, text: str) -> str:
-        """Clean Descriptors (PS3.15 E.3.5): keep known vocabulary and plain measurements only."""
-        terms = self.plan.policy.descriptor_terms
-        kept = [t for t in _TOKEN.findall(text) if t.upper() in terms or _MEASUREMENT.match(t.upper())]
-        return " ".join(kept)
+        return clean_descriptor(text, self.plan.policy.descriptor_terms)
 
     def _safe_private(self, ds: Dataset, tag: int) -> bool:
         safe = self.plan.policy.private_safe

@@ -517,19 +517,25 @@ def phi_scan(ctx: click.Context, canary_file: Path, topic_names: Sequence[str], 
     from schemas.topics import DEIDENTIFIED_TOPICS
     from schemas.deid.policy import load_policy
     from radstream.phi_scan import load_canaries, scan
+    from schemas.deid.keys import key_path, load_keys
 
     settings = _settings(ctx)
     names = [t if t.startswith(settings.kafka.topic_prefix + ".") else settings.topic(t) for t in topic_names] \
         or [spec.name(settings) for spec in DEIDENTIFIED_TOPICS]
+    # the key maps the events' site pseudonyms to the sites' policies; never created here
+    keys = load_keys(settings) if settings.deid.key is not None or key_path(settings).exists() else None
     report = scan(settings, load_canaries(canary_file), names, open_blob_store(settings),
-                  load_policy(settings.deid.policy_file))
+                  load_policy(settings.deid.policy_file), keys)
+    read = ", ".join(f"{topic} {done}/{total}" for topic, (done, total) in report.read.items()) or "no events"
     if as_json:
-        click.echo(to_json({"events": report.events, "blobs": report.blobs, "findings": report.findings}))
+        click.echo(to_json({"events": report.events, "blobs": report.blobs, "findings": report.findings,
+                            "read": {topic: {"read": done, "on_topic": total}
+                                     for topic, (done, total) in report.read.items()}}))
     else:
         for finding in report.findings:
             click.echo(f"{finding.where}  {finding.attribute}  {finding.problem}")
         click.echo(f"phi-scan: {report.events} events on {', '.join(names)}, {report.blobs} blobs, "
-                   f"{len(report.findings)} findings")
+                   f"{len(report.findings)} findings; read/on topic (true partition ends): {read}")
     return 1 if report.findings else 0
 
 

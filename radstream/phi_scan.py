@@ -1,7 +1,10 @@
 """PHI-leak scanner for the de-identified zone (``radstream phi-scan``).
 
 Reads every event on every de-identified topic (:data:`schemas.topics.DEIDENTIFIED_TOPICS`
-unless told otherwise) from the beginning to the current end, decodes it, and opens
+unless told otherwise) from the beginning to the true end of each partition
+(:func:`adapters.kafka.end_offsets`: the embedded broker's ListOffsets under-reports, and
+a scanner that silently skips events is worse than none), counts what it read against
+those ends, decodes every event, and opens
 every blob it references, plus every blob under the store's ``deid/`` prefix. It
 reports:
 
@@ -32,6 +35,7 @@ from schemas.blobs import BlobStore
 from schemas.events import Record
 from schemas.settings import Settings
 from deid.engine import NotDicom, plan_for, read_dataset
+from schemas.deid.keys import DeidKeys
 from schemas.deid.policy import Policy, SitePolicy
 
 #: (0002,0012) names the software that wrote the file, not the patient or the study
@@ -146,9 +150,14 @@ def _private_safe(ds: Dataset, tag: int, policy: SitePolicy) -> bool:
     return creator in ds and (group, str(ds[creator].value).strip(), element & 0xFF) in policy.private_safe
 
 
-def iter_topic(settings: Settings, topic: str, timeout_s: float = 10.0) -> Iterator[tuple[int, int, bytes | None]]:
-    """(partition, offset, value) of every message now on ``topic``, from the beginning."""
+def iter_topic(settings: Settings, topic: str, timeout_s: float = 10.0,
+               expected: dict[int, int] | None = None) -> Iterator[tuple[int, int, bytes | None]]:
+    """(partition, offset, value) of every message now on ``topic``, from the beginning to
+    each partition's true end; ``expected`` (if given) receives how many messages each
+    partition holds. Raises :class:`TimeoutError` when a partition is not read to its end."""
     from confluent_kafka import Consumer, TopicPartition
+
+    from adapters.kafka import end_offsets
 
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.kafka.topic_prefix}.phi-scan",
                          "enable.auto.commit": False, "log_level": 3})
@@ -156,9 +165,14 @@ def iter_topic(settings: Settings, topic: str, timeout_s: float = 10.0) -> Itera
         metadata = consumer.list_topics(topic, timeout=timeout_s)
         if topic not in metadata.topics or metadata.topics[topic].error is not None:
             return
+        partitions = sorted(metadata.topics[topic].partitions)
+        true_ends = end_offsets(settings.kafka_bootstrap, [(topic, pid) for pid in partitions], timeout_s)
         ends = {}
-        for pid in metadata.topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, pid), timeout=timeout_s)
+        for pid in partitions:
+            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, pid), timeout=timeout_s)
+            low, high = max(low, 0), true_ends[(topic, pid)]
+            if expected is not None:
+                expected[pid] = max(high - low, 0)
             if high > low:
                 ends[pid] = (low, high)
         if not ends:
@@ -168,7 +182,7 @@ def iter_topic(settings: Settings, topic: str, timeout_s: float = 10.0) -> Itera
         deadline = time.monotonic() + timeout_s
         while remaining and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
-            if msg is None or msg.error():
+            if msg is None or msg.error() or msg.offset() >= ends[msg.partition()][1]:
                 continue
             deadline = time.monotonic() + timeout_s
             yield msg.partition(), msg.offset(), msg.value()
@@ -185,15 +199,30 @@ class ScanReport:
     events: int = 0
     blobs: int = 0
     findings: list[Finding] = dataclasses.field(default_factory=list)
+    #: topic -> (messages read, messages on it counted against the true partition ends)
+    read: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return all(done == total for done, total in self.read.values())
 
 
-def scan(settings: Settings, canaries: list[str], topics: list[str], store: BlobStore, policy: Policy) -> ScanReport:
-    """Scan every event on ``topics`` and every de-identified blob; see the module docstring."""
+def scan(settings: Settings, canaries: list[str], topics: list[str], store: BlobStore, policy: Policy,
+         keys: DeidKeys | None = None) -> ScanReport:
+    """Scan every event on ``topics`` and every de-identified blob; see the module docstring.
+
+    ``keys`` maps the events' site pseudonyms back to the sites' policies; without them
+    every event is checked against the defaults."""
     from schemas.codec import Codec, DecodeError
 
     codec, report, seen = Codec(settings.kafka.schema_registry_url), ScanReport(), set()
+    by_pseudonym = {keys.site_pseudonym(name): site for name, site in policy.sites.items()} if keys else {}
     for topic in topics:
-        for partition, offset, value in iter_topic(settings, topic):
+        expected: dict[int, int] = {}
+        read = 0
+        for partition, offset, value in iter_topic(settings, topic, expected=expected):
+            read += 1
+            report.read[topic] = (read, sum(expected.values()))
             where = f"{topic}[{partition}]@{offset}"
             try:
                 event = codec.decode(value)
@@ -202,7 +231,8 @@ def scan(settings: Settings, canaries: list[str], topics: list[str], store: Blob
                 continue
             report.events += 1
             report.findings += scan_event(event, where, canaries)
-            site = policy.for_site(getattr(event, "source_site", None))
+            site_name = getattr(event, "source_site", None)
+            site = by_pseudonym.get(site_name) or policy.for_site(site_name)
             for ref in getattr(event, "instances", None) or ():
                 if ref.blob_uri in seen:
                     continue
@@ -214,6 +244,9 @@ def scan(settings: Settings, canaries: list[str], topics: list[str], store: Blob
                     report.findings.append(Finding(ref.blob_uri, "-", f"blob cannot be opened: {exc}"))
                     continue
                 report.findings += scan_blob(data, ref.blob_uri, canaries, site)
+        report.read[topic] = (read, sum(expected.values()))
+        if read != sum(expected.values()):
+            report.findings.append(Finding(topic, "-", f"read {read} of {sum(expected.values())} events"))
     for key in store.keys("deid/"):  # blobs no event references count too, on any store
         uri = store.uri_of(key)
         if uri not in seen:

@@ -268,12 +268,12 @@ class StudyDeidentified(Record):
     patient_pseudonym: str
     modalities: list[str]
     body_parts: list[str]
-    source_site: str
+    source_site: str  # keyed site pseudonym unless the site retains institution identity (113112)
     instance_count: int
     series: list[SeriesSummary]
     instances: list[InstanceRef]
     profile_options: list[str]
-    deidentified_at: datetime
+    deidentified_at: datetime  # shifted by the patient's date shift: never the real processing time
     study_description: str | None = None
     patient_age: str | None = None
     patient_sex: str | None = None

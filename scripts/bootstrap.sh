@@ -11,10 +11,12 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   exit 1
 fi
 
-# Real peers of the tests: dcmtk (storescu/echoscu as a modality, dcmdump), Orthanc with
-# its DICOMweb plugin (a real PACS: C-STORE and STOW-RS sender, ingest benchmark peer).
+# Real peers of the tests: dcmtk (storescu/echoscu as a modality, dcmdump), dicom3tools
+# (dciodvfy: IOD conformance of de-identified output), Orthanc with its DICOMweb plugin
+# (a real PACS: C-STORE and STOW-RS sender, ingest benchmark peer).
 need_apt=()
 command -v /usr/bin/storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v /usr/bin/dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v /usr/sbin/Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 if ((${#need_apt[@]})); then

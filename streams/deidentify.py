@@ -8,7 +8,10 @@ study.deidentified, keyed by the de-identified study UID, carries no original UI
 patient identifier and no trace id computable from them: its ``trace_id`` is derived
 from the de-identified study UID. The link between the two identities goes to
 ``study.link`` only (the identified zone, read by the worklist sink), so AI results on
-the de-identified study can still land on the original worklist row.
+the de-identified study can still land on the original worklist row. The event names
+its site by a keyed pseudonym (unless the site's policy retains institution identity)
+and its time moved by the patient's date shift, so neither the site nor the shift can
+be read off the de-identified topic.
 
 Instances that may show burned-in PHI are quarantined on ``deid.quarantine`` with the
 reason (never passed on silently); the rest of the study goes on. UIDs and the
@@ -111,19 +114,24 @@ def run(study: StudyAssembled, blobs: InstanceBlobs, policy: Policy, keys: DeidK
         for uid, members in series.items()
     ]
     deid_trace = trace_id_for(first.study_uid)
+    # PS3.15 Annex E removes institution identity: downstream of this stage the site is a
+    # keyed pseudonym, unless its policy retains institution identity (113112)
+    deid_site = study.source_site if site.retains_institution else keys.site_pseudonym(study.source_site)
     event = StudyDeidentified(
         trace_id=deid_trace, study_uid=first.study_uid, version=study.version,
         patient_pseudonym=first.patient_pseudonym,
         modalities=list(dict.fromkeys(r.modality for r, _ in done if r.modality)),
         body_parts=list(dict.fromkeys((r.body_part_examined or "").upper() for r, _ in done if r.body_part_examined)),
-        source_site=study.source_site, instance_count=len(done), series=summaries,
+        source_site=deid_site, instance_count=len(done), series=summaries,
         instances=[
             InstanceRef(sop_instance_uid=r.sop_instance_uid, series_uid=r.series_uid, sop_class_uid=r.sop_class_uid,
                         transfer_syntax_uid=r.transfer_syntax_uid, blob_uri=blob.uri, blob_size=blob.size,
                         instance_number=r.instance_number)
             for r, blob in done
         ],
-        profile_options=[code for code, _ in site.codes], deidentified_at=now,
+        # the wall clock shifted with the patient's dates: a real processing time next to a
+        # shifted study date would give the shift away
+        profile_options=[code for code, _ in site.codes], deidentified_at=now + first.date_shift,
         study_description=first.study_description, patient_age=first.patient_age, patient_sex=first.patient_sex,
     )
     link = StudyLink(

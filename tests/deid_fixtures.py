@@ -79,3 +79,67 @@ def seeded_bytes(name: str, **uids) -> bytes:
     out = io.BytesIO()
     dcmwrite(out, ds)
     return out.getvalue()
+
+
+#: the audit's site identity: the calling AE title and the name the site map gives it
+CANARY_AE = "CANARYAE"
+CANARY_SITE = "CANARYSITE Mercy"
+#: numbers in free text that can form a phone number, a date or a record number
+FREE_TEXT_WITH_NUMBERS = "phone 555-0100, DOB 05/23/1961, MRN 4471902, age 64"
+#: each must be absent from every text attribute (digits may occur by chance inside UIDs)
+NUMBER_CANARIES = ("555", "0100", "05/23", "1961", "4471902", "64")
+#: every value below must be gone, in every VR Annex E lists
+AUDIT_CANARIES = (
+    *CANARIES, CANARY_AE, "CANARYSITE",
+    "CANARYNODE",  # AE
+    "CANARYGPS",  # CS
+    "20110203101500",  # DT (acquisition date-time, real)
+    "CANARYTELECOM",  # LT
+    "CANARYSTATION",  # SH
+    "CANARYADDR",  # ST
+    "CANARYCAMERA",  # UT
+    "CANARYXRAYSRC",  # UC
+    "CANARYNOTE",  # OB
+    "CANARYPHYS",  # PN, multi-valued
+    "CANARYDEEP",  # three sequence levels down
+    "CANARYPRIVOB",  # private OB
+)
+
+
+def seed_audit(ds: Dataset, **uids) -> Dataset:
+    """:func:`seed` plus a canary in every VR Annex E lists, nested and private ones, free
+    text with phone/date/ID numbers, and the non-text values a cleaner must not rewrite."""
+    seed(ds, **uids)
+    ds.StationAETitle = "CANARYNODE"
+    ds.add_new(0x00160071, "CS", "CANARYGPS")  # GPSLatitudeRef
+    ds.AcquisitionDateTime = "20110203101500"
+    ds.add_new(0x00102155, "LT", "tel CANARYTELECOM 555-0100")  # PatientTelecomInformation
+    ds.StationName = "CANARYSTATION"
+    ds.ReferringPhysicianAddress = "CANARYADDR 12 Elm St"
+    ds.add_new(0x0016004D, "UT", "CANARYCAMERA")  # CameraOwnerName
+    ds.add_new(0x00189367, "UC", "CANARYXRAYSRC")  # XRaySourceID
+    ds.add_new(0x0016002B, "OB", b"CANARYNOTE\0\0")  # MakerNote (Clean Descriptors: C, binary)
+    ds.PhysiciansOfRecord = ["CANARYPHYS^ONE", "CANARYPHYS^TWO"]
+    ds.ImageComments = FREE_TEXT_WITH_NUMBERS
+    ds.DerivationDescription = "Lossy compression 10:1 1961"
+    ds.TimezoneOffsetFromUTC = "-0500"
+    ds.ContrastBolusAgent = "ISOVUE300/100"
+    deep = Dataset()
+    deep.PersonName = "CANARYDEEP^EVE"
+    middle = Dataset()
+    middle.PersonIdentificationCodeSequence = Sequence([])
+    middle.add_new(0x00081049, "SQ", Sequence([deep]))  # PhysiciansOfRecordIdentificationSequence
+    outer = Dataset()
+    outer.RequestedProcedureDescription = "CT HEAD"
+    outer.add_new(0x00400275, "SQ", Sequence([middle]))  # RequestAttributesSequence inside an item
+    ds.add_new(0x00081110, "SQ", Sequence([outer]))  # ReferencedStudySequence
+    ds.add_new(0x00310010, "LO", "CANARYCREATOR2")
+    ds.add_new(0x00311002, "OB", b"CANARYPRIVOB")
+    return ds
+
+
+def audit_bytes(name: str, **uids) -> bytes:
+    ds = seed_audit(dcmread(real_path(name)), **uids)
+    out = io.BytesIO()
+    dcmwrite(out, ds)
+    return out.getvalue()

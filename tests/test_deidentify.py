@@ -11,9 +11,9 @@ from pydicom import dcmread
 
 from schemas.blobs import instance_key
 from adapters.blobs import LocalBlobStore
-from schemas.deid import AnnexETableError, load_annex_e, strictest
+from schemas.deid import DESCRIPTOR_PATTERNS, AnnexETableError, load_annex_e, strictest
 from schemas.events import CompletionReason, InstanceRef, StudyAssembled, trace_id_for
-from deid.engine import Quarantined, deidentify_instance
+from deid.engine import Quarantined, clean_descriptor, deidentify_instance
 from schemas.deid.keys import DeidKeys
 from schemas.deid.policy import PolicyError, parse_policy
 from streams.deidentify import run
@@ -187,3 +187,103 @@ def test_invalid_policy_fails_at_load_naming_the_key() -> None:
         parse_policy({"defaults": {"private_safe": [{"group": "0x0010", "creator": "X", "element": "0x10"}]}})
     with pytest.raises(PolicyError, match="matches everything"):
         parse_policy({"defaults": {"burned_in_safe": [{"id": "all"}]}})
+
+
+def _assembled(store: LocalBlobStore, names: tuple[str, ...], source_site: str, make=seeded_bytes) -> StudyAssembled:
+    refs = []
+    for index, name in enumerate(names):
+        sop = f"{STUDY_UID}.1.{index + 1}"
+        blob = store.put(instance_key(STUDY_UID, STUDY_UID + ".1", sop), make(name, sop_uid=sop))
+        refs.append(InstanceRef(sop_instance_uid=sop, series_uid=STUDY_UID + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                                transfer_syntax_uid="1.2.840.10008.1.2.1", blob_uri=blob.uri, blob_size=blob.size))
+    return StudyAssembled(
+        trace_id=trace_id_for(STUDY_UID), study_uid=STUDY_UID, version=1, source_site=source_site,
+        instance_count=len(refs), modalities=["CT"], body_parts=[], series=[], instances=refs, first_received_at=T0,
+        last_received_at=T0, assembled_at=T0, completion_reason=CompletionReason.QUIET_PERIOD_ELAPSED)
+
+
+def test_site_is_a_keyed_pseudonym_downstream_unless_the_site_retains_institution_identity(tmp_path) -> None:
+    """Finding 1: the calling AE title / site name crossed into study.deidentified."""
+    store = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    study = _assembled(store, ("CT_small.dcm",), "CANARYAE")
+    outcome = run(study, store, parse_policy({"defaults": {"options": ["clean_descriptors"]}}), KEYS, T0)
+    event = outcome.deidentified
+    assert event.source_site == KEYS.site_pseudonym("CANARYAE") and "CANARY" not in event.source_site
+    assert scan_event(event, "study.deidentified", ["CANARYAE"]) == []
+    assert outcome.link.source_site == "CANARYAE"  # the identified zone keeps the site
+    assert "113112" not in event.profile_options
+    assert KEYS.site_pseudonym("canaryae") == event.source_site != DeidKeys(b"\x01" * 32).site_pseudonym("CANARYAE")
+    # Retain Institution Identity Option (PS3.15 E.3.11) for this site: named, coded, institution kept
+    retained = parse_policy({"defaults": {"options": ["clean_descriptors"]},
+                             "sites": {"CANARYAE": {"options": ["clean_descriptors", "retain_institution_identity"]}}})
+    outcome = run(study, store, retained, KEYS, T0)
+    assert outcome.deidentified.source_site == "CANARYAE" and "113112" in outcome.deidentified.profile_options
+    out = dcmread(io.BytesIO(store.get(outcome.deidentified.instances[0].blob_uri)))
+    assert out.InstitutionName == "CANARYHOSP General" and out.InstitutionAddress == "1 CANARYSTREET, Springfield"
+    assert ("113112", "Retain Institution Identity Option") in [
+        (item.CodeValue, item.CodeMeaning) for item in out.DeidentificationMethodCodeSequence]
+    assert "ReferringPhysicianName" not in out or "CANARY" not in str(out.ReferringPhysicianName)
+
+
+@pytest.mark.parametrize(("text", "cleaned"), [
+    ("phone 555-0100, DOB 05/23/1961", ""),  # the audit's ImageComments
+    ("CT HEAD age 64 MRN 4471902", "CT HEAD"),
+    ("CHEST 05 23 1961", "CHEST"),  # bare numbers: a date in pieces
+    ("SERIES 05/23/1961", "SERIES"),
+    ("ACC 20110203-77 LEFT", "LEFT"),
+    ("CT HEAD W CONTRAST CANARYDESC", "CT HEAD W CONTRAST"),
+])
+def test_clean_descriptors_lets_no_number_through_that_could_identify(text, cleaned) -> None:
+    """Finding 2: the cleaner kept any 1-4 digit token ("555 0100 05 23 1961")."""
+    assert clean_descriptor(text, FULL.descriptor_terms) == cleaned
+
+
+@pytest.mark.parametrize(("text", "cleaned"), [
+    # DESCRIPTOR_PATTERNS "measurement with its unit"
+    ("AXIAL 5MM 0.625MM", "AXIAL 5MM 0.625MM"), ("MR BRAIN 1.5T 3T", "MR BRAIN 1.5T 3T"),
+    ("120KV 250MAS 12MGY 4MSV", "120KV 250MAS 12MGY 4MSV"), ("DELAYED 10MIN", "DELAYED 10MIN"),
+    ("5000MM 05MM", ""),  # four digits, or a leading zero: not a measurement
+    # NUMBERED_WORDS + NUMBER_AFTER_WORD: a series / phase number after its word only
+    ("SERIES 3 PHASE 2", "SERIES 3 PHASE 2"), ("SERIES 301", "SERIES 301"), ("SERIES 4471", "SERIES"),
+    ("HEAD 3", "HEAD"),
+])
+def test_clean_descriptors_keeps_only_vocabulary_and_the_listed_patterns(text, cleaned) -> None:
+    assert [name for name, _ in DESCRIPTOR_PATTERNS] == ["measurement with its unit"]
+    assert clean_descriptor(text, FULL.descriptor_terms) == cleaned
+
+
+def test_values_that_are_not_free_text_are_kept_or_removed_never_rewritten() -> None:
+    """Finding 3: -0500 became 0500, ISOVUE300/100 became 100, DerivationDescription digits."""
+    ds = dcmread(io.BytesIO(seeded_bytes("CT_small.dcm")))
+    ds.TimezoneOffsetFromUTC = "-0500"
+    ds.ContrastBolusAgent = "ISOVUE300/100"
+    ds.DerivationDescription = "Lossy compression 10:1 by ACME"
+    ds.AcquisitionComments = "AXIAL 5MM, 2nd pass"
+    ds.add_new(0x0016002B, "OB", b"MAKERNOTE 0100")  # MakerNote: Clean Descriptors says C, it is binary
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    for policy in (FULL, BASIC, parse_policy({"defaults": {"options": ["retain_longitudinal_modified_dates"]}}).defaults):
+        out = dcmread(io.BytesIO(deidentify_instance(buffer.getvalue(), policy, KEYS).data))
+        assert "TimezoneOffsetFromUTC" not in out
+        assert out.get("ContrastBolusAgent") in (None, "")
+        assert 0x0016002B not in out
+        for keyword in ("DerivationDescription", "AcquisitionComments"):
+            words = str(out.get(keyword) or "").split()
+            assert all(word in str(ds[keyword].value).replace(",", " ").split() for word in words), (keyword, words)
+        assert out.get("DerivationDescription") in (None, "")
+        assert out.get("AcquisitionComments") in (None, "AXIAL 5MM")
+
+
+def test_deidentified_time_moves_with_the_patients_dates(tmp_path) -> None:
+    """Finding 4: deidentified_at was the real clock next to shifted dates, giving the shift away."""
+    store = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    dated = parse_policy({"defaults": {"options": ["retain_longitudinal_modified_dates"]}})
+    event = run(_assembled(store, ("CT_small.dcm",), "SITE_A"), store, dated, KEYS, T0).deidentified
+    out = dcmread(io.BytesIO(store.get(event.instances[0].blob_uri)))
+    shifted_study = datetime.strptime(out.StudyDate, "%Y%m%d").date()
+    assert event.deidentified_at != T0 and event.deidentified_at.time() == T0.time()
+    # the interval from study to processing survives; the real date of either does not
+    assert event.deidentified_at.date() - shifted_study == T0.date() - date(2011, 2, 3)
+    basic = run(_assembled(store, ("CT_small.dcm",), "SITE_A"), store,
+                parse_policy({"defaults": {"options": []}}), KEYS, T0).deidentified
+    assert basic.deidentified_at == event.deidentified_at  # dates removed: the time is still not the real one

@@ -95,6 +95,43 @@ def load_annex_e(text: str | None = None) -> tuple[AnnexEEntry, ...]:
     return tuple(entries)
 
 
+#: Clean Descriptors (PS3.15 E.3.5): besides vocabulary words (``descriptor_terms.txt``), the
+#: only tokens a cleaned descriptor may keep. A token is a whitespace-separated word with
+#: edge punctuation stripped; it survives whole or not at all, so a value is never
+#: rewritten into a different one (``ISOVUE300/100`` is one token, not ``100``). No
+#: pattern lets a bare number through: digits that could form a phone number, a date,
+#: an age, an identifier or a record number are dropped.
+DESCRIPTOR_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # slice thickness, field strength, tube voltage/current, time, volume, dose: 5MM, 1.5T, 120KV, 0.625MM, 12MGY
+    ("measurement with its unit", re.compile(
+        r"^(0|[1-9]\d{0,2})(\.\d{1,3})?(MM|CM|ML|CC|KV|KVP|MA|MAS|MS|S|SEC|MIN|T|MGY|MSV|DEG|X)$")),
+)
+#: a number of 1-3 digits (no leading zero) directly after one of these words: "SERIES 3", "PHASE 2"
+NUMBERED_WORDS = frozenset({"SERIES", "SE", "PHASE", "ECHO", "RUN", "PASS"})
+NUMBER_AFTER_WORD = re.compile(r"^[1-9]\d{0,2}$")
+
+#: Attributes whose Annex E option column says C but whose value is not free text: cleaning
+#: word by word would rewrite them into a different valid-looking value (a timezone offset
+#: losing its sign, a contrast agent reduced to its volume), and a dummy would pass for a
+#: real value. Unless an option keeps them (K) each is removed (X) or emptied (Z) as given
+#: here; binary C attributes (OB) take the basic action (:func:`deid.engine.plan_for`).
+NOT_FREE_TEXT: dict[str, str] = {
+    "0008,0201": "X",  # TimezoneOffsetFromUTC: +/-HHMM, Type 3; names the site's region
+    "0018,0010": "Z",  # ContrastBolusAgent: product and strength, Type 2 (Z/D: Z) in Contrast/Bolus
+    "0032,1070": "X",  # RequestedContrastAgent: product and strength, Type 3
+}
+
+#: Retain Institution Identity Option (PS3.15 E.3.11; Table E.1-1 column "Rtn. Inst. Id. Opt."):
+#: the attributes it keeps (K), as tags.
+INSTITUTION_IDENTITY = frozenset({
+    "0008,0080",  # InstitutionName
+    "0008,0081",  # InstitutionAddress
+    "0008,0082",  # InstitutionCodeSequence
+    "0008,1040",  # InstitutionalDepartmentName
+    "0008,1041",  # InstitutionalDepartmentTypeCodeSequence
+})
+
+
 @cache
 def descriptor_terms() -> frozenset[str]:
     """Words a cleaned descriptor may keep (Clean Descriptors option): ``descriptor_terms.txt``."""

@@ -59,6 +59,13 @@ class DeidKeys:
         """
         return "P" + self._mac(b"patient", f"{issuer or ''}\x00{patient_id or ''}").hex()[:24].upper()
 
+    def site_pseudonym(self, source_site: str) -> str:
+        """The keyed stand-in for a site in the de-identified zone: ``S`` + 12 hex digits.
+
+        PS3.15 Annex E removes institution and station identity; the calling AE title or
+        site name is both. Stable per key, so a site's studies still group together."""
+        return "S" + self._mac(b"site", source_site.strip().upper()).hex()[:12].upper()
+
     def date_shift(self, issuer: str | None, patient_id: str | None) -> timedelta:
         """How far back this patient's dates move (Retain Longitudinal Temporal Information
         with Modified Dates, PS3.15 E.3.6): intervals between a patient's studies survive."""

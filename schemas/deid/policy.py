@@ -8,7 +8,10 @@ the file, the table and the key named.
 
 Options (PS3.15 E.3, with their DCM codes in the De-identification Method Code Sequence):
 ``retain_longitudinal_modified_dates`` (113107), ``retain_patient_characteristics``
-(113108), ``clean_descriptors`` (113105). The basic profile (113100) always applies.
+(113108), ``clean_descriptors`` (113105), ``retain_institution_identity`` (113112: the
+institution attributes are kept and the events' ``source_site`` names the site; without
+it the de-identified zone sees only a keyed site pseudonym). The basic profile (113100)
+always applies.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
         "rtn_long_modif_dates", "113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
     "retain_patient_characteristics": ("rtn_pat_chars", "113108", "Retain Patient Characteristics Option"),
     "clean_descriptors": ("clean_desc", "113105", "Clean Descriptors Option"),
+    # no column in annex_e.csv: the attributes it keeps are schemas.deid.INSTITUTION_IDENTITY
+    "retain_institution_identity": ("", "113112", "Retain Institution Identity Option"),
 }
 BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
 SAFE_PRIVATE_CODE = ("113111", "Retain Safe Private Option")
@@ -62,6 +67,11 @@ class SitePolicy:
     private_safe: frozenset[tuple[int, str, int]]  # (group, creator, element low byte)
     keep_uid_prefixes: tuple[str, ...]
     descriptor_terms: frozenset[str]
+
+    @property
+    def retains_institution(self) -> bool:
+        """Retain Institution Identity Option (PS3.15 E.3.11): the site may be named downstream."""
+        return "retain_institution_identity" in self.options
 
     @property
     def codes(self) -> list[tuple[str, str]]:
