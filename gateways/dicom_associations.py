@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 from prometheus_client import Counter
 from pynetdicom import evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from adapters.telemetry import get_logger
 from schemas.settings import Settings
@@ -135,6 +137,83 @@ def calling_ae_of(event: evt.Event) -> str:
         return str(event.assoc.requestor.ae_title).strip()
     except Exception:
         return ""
+
+
+# ---------------------------------------------------------------- connections before association
+
+
+class PeerLimitedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, refusing at accept a peer address that already holds
+    ``max_unassociated_per_peer`` connections without an association.
+
+    Every accepted connection takes one of ``max_associations`` slots until it is
+    associated and released, or until ARTIM expires (PS3.8 9.1.5, ``artim_timeout_s``);
+    idle TCP connections from one address could otherwise hold every slot while real
+    senders get A-ASSOCIATE-RJ. A refused connection is closed before any PDU: the
+    standard has no answer for a peer that sent none. ``verify_request`` runs after the
+    accept and before the association's thread, so TLS handshakes stay deferred to it.
+    """
+
+    def __init__(self, *args: Any, max_unassociated_per_peer: int = 4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_unassociated_per_peer = max_unassociated_per_peer
+        # Connections (host, port) accepted and not yet past Sta2 (PS3.8 9.2: awaiting
+        # A-ASSOCIATE-RQ). Kept here from the accept on, since an association's thread
+        # and its state machine start a moment later and a burst of connects would slip by.
+        self._waiting: set[tuple[str, int]] = set()
+        self._waiting_lock = threading.Lock()
+        self.bind(evt.EVT_FSM_TRANSITION, self._on_transition)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host, port = _host_port(client_address)
+        with self._waiting_lock:
+            waiting = sum(1 for peer in self._waiting if peer[0] == host)
+            if waiting < self.max_unassociated_per_peer:
+                self._waiting.add((host, port))
+                return True
+        ASSOCIATION_REJECTIONS.labels(reason="peer_unassociated_limit").inc()
+        slog.info("closed DICOM connection at accept", peer=host, unassociated=waiting,
+                  limit=self.max_unassociated_per_peer,
+                  reason="the peer already holds connections without an A-ASSOCIATE-RQ")
+        return False
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().finish_request(request, client_address)
+        except BaseException:  # no association thread: nothing will leave Sta2 for it
+            self._left(_host_port(client_address))
+            raise
+
+    def _on_transition(self, event: evt.Event) -> None:
+        # Leaving Sta2: the A-ASSOCIATE-RQ came (Sta3), or the connection closed or ARTIM
+        # expired (Sta1). A connection whose TLS handshake failed leaves it too.
+        if event.current_state == "Sta2" and event.next_state != "Sta2":
+            self._left((str(event.assoc.requestor.address), int(event.assoc.requestor.port)))
+
+    def _left(self, peer: tuple[str, int]) -> None:
+        with self._waiting_lock:
+            self._waiting.discard(peer)
+
+
+def _host_port(client_address: Any) -> tuple[str, int]:
+    if isinstance(client_address, tuple):
+        return str(client_address[0]), int(client_address[1])
+    return str(client_address), 0
+
+
+class PeerGoneIsInfo(logging.Filter):
+    """pynetdicom logs a peer that closes or resets its connection mid-PDU, or fails its
+    TLS handshake, as an error with a traceback (``pynetdicom.dul``). That is the peer's
+    doing, not a fault of the gateway: it becomes one info line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError) or record.getMessage().startswith("Connection closed before the entire PDU"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            if exc is not None:
+                record.msg, record.args = f"peer connection lost: {type(exc).__name__}: {exc}", ()
+                record.exc_info, record.exc_text = None, None
+        return True
 
 
 # ---------------------------------------------------------------- TLS

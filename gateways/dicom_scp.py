@@ -3,7 +3,8 @@
 Sites' PACS and modalities push studies here over DICOM (PS3.4 Annex B Storage
 Service Class, PS3.4 Annex A Verification, DIMSE per PS3.7). For every C-STORE the
 handler takes the dataset exactly as it was sent (no pixel decoding), reads its header,
-checks it is whole and the instance the request announced, and hands the PS3.10 file
+checks it came on a presentation context of its SOP class (PS3.8 9.3.5.1), is whole,
+each element once, and the instance the request announced, and hands the PS3.10 file
 to the shared intake (:mod:`gateways.intake`): validated UIDs, the file in the
 claim-check blob store, an ``InstanceReceived`` event acknowledged by the broker; only
 then does the sender get Success (0x0000). Every failure answers with the PS3.4 B.2.3
@@ -45,6 +46,8 @@ from adapters.blobs import open_blob_store
 from adapters.telemetry import get_logger
 from gateways.deadletter import BROKER_UNAVAILABLE
 from gateways.dicom_associations import (
+    PeerGoneIsInfo,
+    PeerLimitedServer,
     SitePolicy,
     calling_ae_of,
     handle_aborted,
@@ -53,11 +56,10 @@ from gateways.dicom_associations import (
     handle_rejected,
     tls_context,
 )
-from gateways.dicom_wire import IncompleteDataSet, NotADataSet, check_complete
 from gateways.intake import InstanceIntake, Received
 from gateways.publisher import EventPublisher
 from gateways.serving import GatewayProcess, run
-from gateways.validation import FailureReason, InstanceUids, InvalidInstance
+from gateways.validation import FailureReason, InstanceUids, InvalidInstance, check_encoding
 from schemas.blobs import BlobStore
 from schemas.settings import Settings, SettingsError
 
@@ -132,9 +134,8 @@ def _receive(event: evt.Event, intake: InstanceIntake, received: Received, sites
         raise _incompleteness(event) or InvalidInstance(
             FailureReason.CANNOT_UNDERSTAND, "undecodable", f"cannot parse the data set: {exc}") from None
     received.note(header)  # so a refusal below is keyed and traced by study
-    # pydicom reads a cut-short value as a shorter one: check every declared length.
-    if (incomplete := _incompleteness(event)) is not None:
-        raise incomplete
+    _check_context(event)
+    # pydicom reads a cut-short value as a shorter one: the intake checks every declared length.
     site = (sites.site_for(calling_ae) if sites else "") or calling_ae or "UNKNOWN"
     intake.receive(received, site, header=header, transfer_syntax=str(event.context.transfer_syntax),
                    calling_ae=calling_ae, called_ae=_called_ae(event),
@@ -142,14 +143,29 @@ def _receive(event: evt.Event, intake: InstanceIntake, received: Received, sites
 
 
 def _incompleteness(event: evt.Event) -> InvalidInstance | None:
-    """The refusal of a data set that is cut short or not DICOM at all, else None."""
+    """The refusal of a data set that is cut short, not DICOM at all or holds a tag twice, else None."""
     try:
-        check_complete(event.request.DataSet.getvalue(), str(event.context.transfer_syntax))
-    except NotADataSet as exc:
-        return InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "undecodable", f"not a DICOM data set: {exc}")
-    except IncompleteDataSet as exc:
-        return InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "truncated", f"incomplete data set: {exc}")
+        check_encoding(event.request.DataSet.getvalue(), str(event.context.transfer_syntax))
+    except InvalidInstance as exc:
+        return exc
     return None
+
+
+def _check_context(event: evt.Event) -> None:
+    """PS3.7 9.1.1.1 / PS3.8 9.3.5.1: a C-STORE's Affected SOP Class UID must be the abstract
+    syntax of the presentation context it came on.
+
+    pynetdicom hands EVT_C_STORE any C-STORE whatever its context (the Verification
+    context included), so the data set would be read in a transfer syntax negotiated
+    for another SOP class: it is refused 0x0122, SOP class not supported on this context.
+    """
+    requested_class = str(getattr(event.request, "AffectedSOPClassUID", "") or "").strip("\0 ")
+    context_class = str(event.context.abstract_syntax)
+    if requested_class != context_class:
+        raise InvalidInstance(FailureReason.SOP_CLASS_NOT_SUPPORTED, "context_mismatch",
+                              f"C-STORE of {requested_class or '(no SOP class)'} on presentation context "
+                              f"{event.context.context_id}, negotiated for {context_class} (PS3.8 9.3.5.1)",
+                              ["AffectedSOPClassUID"])
 
 
 def _check_announced(uids: InstanceUids, request: Any) -> None:
@@ -206,9 +222,18 @@ def _requested_instance(event: evt.Event) -> str | None:
 class GatewayAE(AE):
     """A pynetdicom AE whose servers get the gateway's event handlers bound by default."""
 
-    def __init__(self, ae_title: str, handlers: list[Any]) -> None:
+    def __init__(self, ae_title: str, handlers: list[Any], max_unassociated_per_peer: int = 2) -> None:
         super().__init__(ae_title)
         self.gateway_handlers = handlers
+        self.max_unassociated_per_peer = max_unassociated_per_peer
+
+    def make_server(self, address: Any, ae_title: str | None = None, contexts: Any = None, ssl_context: Any = None,
+                    evt_handlers: list[Any] | None = None, server_class: Any = None,
+                    **kwargs: Any) -> ThreadedAssociationServer:
+        # Threaded (as start_server asks for), with the per-peer limit at accept.
+        return super().make_server(address, ae_title, contexts, ssl_context, evt_handlers,
+                                   server_class=PeerLimitedServer,
+                                   max_unassociated_per_peer=self.max_unassociated_per_peer, **kwargs)
 
     def start_server(self, address: Any, block: bool = True, ssl_context: Any = None,
                      evt_handlers: list[Any] | None = None, ae_title: str | None = None,
@@ -234,13 +259,17 @@ def build_ae(settings: Settings, store: BlobStore, publisher: EventPublisher) ->
     """The gateway's AE: Verification and every storage SOP class, each with every
     transfer syntax pynetdicom knows (uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000,
     HTJ2K, RLE, MPEG/HEVC), since the data set is stored as received and never decoded."""
-    ae = GatewayAE(settings.dicom.ae_title, event_handlers(store, publisher, SitePolicy.from_settings(settings)))
+    ae = GatewayAE(settings.dicom.ae_title, event_handlers(store, publisher, SitePolicy.from_settings(settings)),
+                   settings.dicom.max_unassociated_per_peer)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.maximum_associations = settings.dicom.max_associations
     ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from the sender
-    ae.acse_timeout = settings.dicom.acse_timeout_s
+    # For an acceptor, pynetdicom's ACSE timeout is the ARTIM timer (PS3.8 9.1.5): how long
+    # an accepted connection may wait for its A-ASSOCIATE-RQ (or, released, for the close)
+    # while holding one of max_associations slots.
+    ae.acse_timeout = min(settings.dicom.acse_timeout_s, settings.dicom.artim_timeout_s)
     ae.dimse_timeout = settings.dicom.dimse_timeout_s
     ae.network_timeout = settings.dicom.network_timeout_s
     return ae
@@ -274,6 +303,7 @@ async def _listening(settings: Settings, publisher: EventPublisher) -> AsyncIter
 def _prepare(settings: Settings) -> None:
     if settings.log_level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom.dul").addFilter(PeerGoneIsInfo())
     try:
         tls_context(settings)  # unreadable certificate or key: one line, exit 2, like a bad setting
     except (OSError, ssl.SSLError) as exc:

@@ -6,7 +6,9 @@ delimiter ends silently at end of file. A gateway that stores instances as recei
 must not acknowledge such bytes, so :func:`check_complete` walks the element stream
 (PS3.5 7.1 data elements, 7.5 nesting of data sets, A.4 encapsulated pixel data) and
 raises :class:`IncompleteDataSet` naming the first element whose declared length runs
-past the end. It handles implicit and explicit VR Little Endian, Explicit VR Big Endian
+past the end, or :class:`DuplicateElement` for a tag a data set holds twice (PS3.5 7.1:
+each element once, so two StudyInstanceUIDs cannot be filed under one); it returns the
+:class:`DataSetShape` the pixel checks need. It handles implicit and explicit VR Little Endian, Explicit VR Big Endian
 (retired) and Deflated Explicit VR Little Endian (PS3.5 A.5); every compressed syntax
 is explicit VR Little Endian with encapsulated pixel data. Values are only skipped,
 never parsed, so the cost is one pass over the element headers.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -28,6 +31,17 @@ SEQUENCE_DELIMITER = 0xFFFEE0DD
 #: PS3.5 7.1.2: explicit VRs with a 2-byte reserved field and a 4-byte length.
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _MAX_DEPTH = 32
+PIXEL_DATA = 0x7FE00010
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})  # float, double float, pixel data
+
+
+@dataclass(frozen=True)
+class DataSetShape:
+    """What the walk learnt: the top-level Pixel Data value length (None: absent or
+    encapsulated), and whether any pixel data element (7FE0,0008/0009/0010) is there."""
+
+    pixel_data_length: int | None = None
+    has_pixel_data: bool = False
 
 
 class IncompleteDataSet(ValueError):
@@ -38,9 +52,28 @@ class NotADataSet(IncompleteDataSet):
     """Not even the first element of the data set is whole: these bytes are not DICOM."""
 
 
-def check_complete(encoded: bytes, transfer_syntax_uid: str) -> None:
+class DuplicateElement(ValueError):
+    """A data set (or an item of a sequence) holds the same tag twice (PS3.5 7.1)."""
+
+
+def data_set_offset(part10: bytes) -> int:
+    """Where the data set of a PS3.10 file begins: after the preamble, ``DICM`` and the
+    group 0002 file meta elements (always Explicit VR Little Endian, PS3.10 7.1)."""
+    offset = 132 if part10[128:132] == b"DICM" else 0
+    while offset + 8 <= len(part10) and struct.unpack_from("<H", part10, offset)[0] == 0x0002:
+        vr = part10[offset + 4:offset + 6]
+        if vr in _LONG_VRS or not _looks_like_vr(vr):
+            (length,) = struct.unpack_from("<I", part10, offset + 8)
+            offset += 12 + length
+        else:
+            offset += 8 + struct.unpack_from("<H", part10, offset + 6)[0]
+    return min(offset, len(part10))
+
+
+def check_complete(encoded: bytes, transfer_syntax_uid: str) -> DataSetShape:
     """Raise :class:`IncompleteDataSet` unless ``encoded`` (a data set without file meta,
-    in ``transfer_syntax_uid``) holds every element it declares in full."""
+    in ``transfer_syntax_uid``) holds every element it declares in full, and
+    :class:`DuplicateElement` if one of its data sets holds a tag twice."""
     transfer_syntax_uid = str(transfer_syntax_uid).strip("\0 ")
     if transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -60,6 +93,7 @@ def check_complete(encoded: bytes, transfer_syntax_uid: str) -> None:
         raise
     if end != len(encoded):  # pragma: no cover - elements() consumes to the limit or raises
         raise IncompleteDataSet(f"{len(encoded) - end} trailing bytes after the data set")
+    return DataSetShape(walker.pixel_data_length, walker.has_pixel_data)
 
 
 def _looks_like_vr(two: bytes) -> bool:
@@ -72,6 +106,8 @@ class _Walker:
         self.implicit = implicit
         self.order = "<" if little else ">"
         self.top_level_elements = 0
+        self.pixel_data_length: int | None = None
+        self.has_pixel_data = False
 
     def _need(self, offset: int, count: int, limit: int, what: str) -> None:
         if offset + count > limit:
@@ -91,6 +127,7 @@ class _Walker:
             implicit = True
         if depth > _MAX_DEPTH:
             raise IncompleteDataSet(f"sequences nested deeper than {_MAX_DEPTH} levels")
+        seen: set[int] = set()
         while offset < limit:
             self._need(offset, 8, limit, "an element header")
             tag = self._tag(offset)
@@ -99,6 +136,11 @@ class _Walker:
             name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
             if tag in (ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER):
                 raise IncompleteDataSet(f"unexpected delimiter {name} at offset {offset}")
+            if tag in seen:
+                where = "the data set" if depth == 0 else f"an item at depth {depth}"
+                raise DuplicateElement(f"element {name} occurs twice in {where} (PS3.5 7.1), "
+                                       f"the second time at offset {offset}")
+            seen.add(tag)
             vr = b""
             if implicit or (tag >> 16) == 0xFFFE:
                 (length,) = struct.unpack_from(self.order + "I", self.data, offset + 4)
@@ -119,8 +161,11 @@ class _Walker:
             else:
                 self._need(offset, length, limit, f"the value of {name} ({length} bytes)")
                 offset += length
+                if depth == 0 and tag == PIXEL_DATA:
+                    self.pixel_data_length = length
             if depth == 0:
                 self.top_level_elements += 1
+                self.has_pixel_data = self.has_pixel_data or tag in _PIXEL_DATA_TAGS
         if until is not None:
             raise IncompleteDataSet(f"the data ends before an item delimiter at depth {depth}")
         return offset

@@ -36,6 +36,15 @@ class BodyTooLarge(Exception):
     """More request body than ``stow.max_body_bytes`` allows (HTTP 413)."""
 
 
+class BodyFault(Exception):
+    """The multipart body cannot be read on from here (malformed, cut short, connection
+    gone): a reason key and a text naming the part. What was read before it stands."""
+
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason, self.error = reason, error
+
+
 class StowMultipartReader(MultipartReader):
     """aiohttp's reader without its 70-character boundary limit (RFC 2046 5.1.1): Orthanc's
     DICOMweb plugin 1.7 sends 73-character boundaries, and refusing a real PACS over it helps no one."""

@@ -1,5 +1,7 @@
 """HL7 v2 messages: the orders and patient updates in them, and the acknowledgments we answer.
 
+Over 400 lines: the HL7 v2.5 fields radstream reads, each with its data-type and table check, beside the ACK.
+
 A message (HL7 v2.5 chapter 2) is read in the order its answer depends on: the MSH
 from the raw bytes (:func:`read_header`, so even undecodable text gets an ACK naming
 its control id), then MSH-9/11/12 (:func:`check_header`), the text in the character
@@ -41,6 +43,19 @@ ORDER_CONTROLS = frozenset({"NW", "CA", "DC", "OC", "XO", "SC", "SN", "NA", "OK"
 CHARSETS = {"": "utf-8", "UNICODE UTF-8": "utf-8", "ASCII": "ascii", "8859/1": "latin-1", "8859/15": "iso8859-15"}
 _SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _MAX_ACCESSION = 64
+#: Segments that open a message or a batch (HL7 v2.5 2.10.3): one may only come first in a block.
+_MESSAGE_STARTS = frozenset({"MSH", "BHS", "FHS"})
+#: PID-8 administrative sex (HL7 v2.5 table 0001).
+SEX_CODES = frozenset({"F", "M", "O", "U", "A", "N"})
+#: Order priority: TQ1-9 (table 0485) and the TQ component 6 of OBR-27 / ORC-7 (table 0027).
+PRIORITY_CODES = frozenset({"S", "A", "R", "P", "C", "T", "PRN"})
+_PRIORITY_TIMED = re.compile(r"^T[SMHDWL]\d+$")  # table 0485 TS<n>, TM<n>, TH<n>, TD<n>, TW<n>, TL<n>
+#: DTM (HL7 v2.5 2.A.22): YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ].
+_DTM = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?)?)?)?([+-]\d{4})?$")
+#: DT (HL7 v2.5 2.A.21): YYYY[MM[DD]].
+_DT = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2}))?)?$")
+#: SI (HL7 v2.5 2.A.72): a set id, a non-negative integer of at most 4 digits (an NM without sign or fraction).
+_SI = re.compile(r"^\d{1,4}$")
 
 
 class Ack(str, enum.Enum):
@@ -232,7 +247,71 @@ def parse_message(text: str, header: Header) -> tuple[hl7.Message, list[_Segment
         message = hl7.parse("\r".join(segments))
     except Exception as exc:  # hl7 raises several types on malformed text
         raise Rejected(Ack.ERROR, ErrorCode.SEGMENT_SEQUENCE, "unparseable", f"HL7 parse error: {exc}") from None
+    starts = [index for index, line in enumerate(segments, start=1) if line[:3] in _MESSAGE_STARTS]
+    if starts != [1]:
+        # HL7 v2.5 C.4.1: an MLLP block carries exactly one message. One ACK for two would
+        # file the second under the first's control id and patient.
+        raise Rejected(Ack.REJECT, ErrorCode.SEGMENT_SEQUENCE, "several_messages",
+                       f"one MLLP block holds {len(starts)} messages (MSH/BHS/FHS at segments "
+                       f"{', '.join(map(str, starts))}); send one message per block (HL7 v2.5 C.4.1)",
+                       f"{segments[starts[1] - 1][:3]}^{starts[1]}" if len(starts) > 1 else "MSH")
     return message, [_Segment(message, seg, header) for seg in message]
+
+
+# ---------------------------------------------------------------- data types (HL7 v2.5 2.A)
+
+
+def _valid_date_time(match: re.Match[str] | None) -> bool:
+    if match is None:
+        return False
+    year, month, day, hour, minute, second, zone = (*match.groups(), None, None, None, None)[:7]
+    try:
+        datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0))
+    except ValueError:
+        return False
+    return zone is None or (int(zone[1:3]) <= 14 and int(zone[3:5]) < 60)
+
+
+def check_date_time(value: str | None, kind: str, what: str, location: str) -> None:
+    """``value`` is a valid ``kind`` (``DTM``/``TS`` or ``DT``) naming a real calendar instant."""
+    if value is None:
+        return
+    pattern, form = (_DT, "YYYY[MM[DD]]") if kind == "DT" else (_DTM, "YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]")
+    if not _valid_date_time(pattern.match(value)):
+        raise Rejected(Ack.ERROR, ErrorCode.DATA_TYPE, "bad_data_type",
+                       f"{what} {value[:40]!r} is not a valid {kind} ({form})",
+                       location)
+
+
+def check_coded(value: str | None, table: str, codes: frozenset[str], what: str, location: str,
+                also: re.Pattern[str] | None = None) -> None:
+    """``value`` (an ID/IS/CWE code) is one of HL7 table ``table``'s ``codes``."""
+    if value is None or value.upper() in codes or (also is not None and also.match(value.upper())):
+        return
+    raise Rejected(Ack.ERROR, ErrorCode.TABLE_VALUE_NOT_FOUND, "bad_table_value",
+                   f"{what} {value[:40]!r} is not in HL7 table {table} "
+                   f"({', '.join(sorted(codes))})", location)
+
+
+def check_set_id(value: str | None, segment_id: str, location: str) -> None:
+    if value is not None and not _SI.match(value):
+        raise Rejected(Ack.ERROR, ErrorCode.DATA_TYPE, "bad_data_type",
+                       f"{segment_id}-1 set id {value[:40]!r} is not a valid SI (a number of 1 to 4 digits)",
+                       location)
+
+
+def check_data_types(segments: list[_Segment]) -> None:
+    """The data types of the message-level fields radstream reads: MSH-7, PID-1/7/8."""
+    msh = segments[0]
+    sent_at = msh.value(7)
+    if sent_at is None:
+        raise Rejected(Ack.ERROR, ErrorCode.REQUIRED_FIELD_MISSING, "missing_field",
+                       "MSH-7 date/time of message is empty", "MSH^1^7")
+    check_date_time(sent_at, "DTM", "MSH-7 date/time of message", "MSH^1^7")
+    for pid in (s for s in segments if s.id == "PID"):
+        check_set_id(pid.value(1), "PID", "PID^1^1")
+        check_date_time(pid.value(7), "DTM", "PID-7 date/time of birth", "PID^1^7")
+        check_coded(pid.value(8), "0001", SEX_CODES, "PID-8 administrative sex", "PID^1^8")
 
 
 def _required(segments: list[_Segment], segment_id: str) -> _Segment:
@@ -253,7 +332,17 @@ def _order_groups(segments: list[_Segment]) -> list[OrderGroup]:
             if not groups:
                 raise Rejected(Ack.ERROR, ErrorCode.SEGMENT_SEQUENCE, "missing_segment",
                                f"{segment.id} before any ORC segment (ORM^O01 requires ORC first)", "ORC")
-            setattr(groups[-1], segment.id.lower(), segment)
+            group = groups[-1]
+            if segment.id == "TQ1":  # TIMING repeats (4.4.1); the first carries the order's priority
+                group.tq1 = group.tq1 or segment
+                continue
+            if getattr(group, segment.id.lower()) is not None:
+                # An ORM^O01 ORDER group has one ORC and at most one OBR: a second OBR (or ZDS)
+                # would silently replace the first and one order of two would be lost.
+                raise Rejected(Ack.ERROR, ErrorCode.SEGMENT_SEQUENCE, "segment_sequence",
+                               f"order {len(groups)} has a second {segment.id} segment: one {segment.id} per ORC "
+                               "(ORM^O01 ORDER group, HL7 v2.5 4.4.1)", f"{segment.id}^{len(groups)}")
+            setattr(group, segment.id.lower(), segment)
     if not groups:
         raise Rejected(Ack.ERROR, ErrorCode.SEGMENT_SEQUENCE, "missing_segment", "required segment ORC is missing", "ORC")
     for index, group in enumerate(groups, start=1):
@@ -315,12 +404,15 @@ def orders_of(header: Header, segments: list[_Segment], settings: Settings, rece
                            f"accession number {accession[:20]!r} is longer than {_MAX_ACCESSION} characters "
                            "or holds control characters", f"OBR^{index}^18")
         received.accession_number = received.accession_number or accession
+        check_set_id(obr.value(1), "OBR", f"OBR^{index}^1")
         study_uid = group.zds.value(1) if group.zds is not None else None
         if study_uid is not None and not is_valid_uid(study_uid):
             raise Rejected(Ack.ERROR, ErrorCode.DATA_TYPE, "bad_study_uid",
                            f"ZDS-1 study instance UID {study_uid[:64]!r} is not a valid DICOM UID (PS3.5 9.1)",
                            f"ZDS^{index}^1")
         priority = (group.tq1.value(9) if group.tq1 is not None else None) or obr.value(27, 6) or orc.value(7, 6)
+        check_coded(priority, "0485", PRIORITY_CODES, f"order {index} priority (TQ1-9 / OBR-27.6 / ORC-7.6)",
+                    f"OBR^{index}^27", also=_PRIORITY_TIMED)
         reasons = [(obr.value(31, 2, r) or obr.value(31, 1, r)) for r in range(obr.repetitions(31))]
         reason_for_exam = "; ".join(r for r in reasons if r) or obr.value(13)
         events.append(OrderReceived(
@@ -361,6 +453,7 @@ def events_of(payload: bytes, settings: Settings, received: Received) -> list[Or
     check_header(header, settings)
     text = decode_text(payload, header)
     message, segments = parse_message(text, header)
+    check_data_types(segments)
     if header.message_type.startswith("ORM^"):
         return orders_of(header, segments, settings, received)
     return [patient_update_of(header, segments, settings)]

@@ -13,11 +13,13 @@ acknowledgment mode of HL7 v2.5 section 2.9.2 with an ERR segment (ERR-3 from HL
 table 0357):
 
 * ``AR`` (application reject) for what the message header or transport makes
-  unprocessable: bad MLLP framing, no MSH, an unsupported message type, event, version
+  unprocessable: bad MLLP framing (framing bytes inside the content included), several
+  messages in one block, no MSH, an unsupported message type, event, version
   or processing id (2.9.2.2), and the broker being unreachable (0357 code 207: the
   sender should retry; nothing was published);
 * ``AE`` (application error) for content errors: a required segment or field missing,
-  text not valid in the declared character set, an invalid value.
+  text not valid in the declared character set, an invalid value (a DT/DTM that is no
+  calendar instant, an ID not in its table), a second OBR in one ORC order group.
 
 Each refused message is published as a ``DeadLetter`` with its reason and the raw frame
 bytes (:mod:`gateways.deadletter`: inline up to 64 KiB, else in the blob store under
@@ -87,8 +89,8 @@ class Frame:
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int, idle_timeout_s: float) -> Frame | None:
     """The next frame, ``None`` at a clean end of stream.
 
-    Bytes are read up to the next ``FS CR``; a block that does not begin with ``VT``, a
-    block cut short by the end of the stream and a block larger than ``max_bytes`` are
+    Bytes are read up to the next ``FS CR``; a block that does not begin with ``VT``, one
+    with a framing byte (``VT`` or ``FS``) inside its content, a block cut short by the end of the stream and a block larger than ``max_bytes`` are
     returned with ``error`` set, so the caller answers AR and the stream resynchronises
     on the end block.
     """
@@ -108,6 +110,11 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int, idle_timeout_
         return Frame(raw, f"bad MLLP framing: {what}")
     if START_BLOCK in raw[1:]:
         return Frame(raw, "bad MLLP framing: a VT (0x0B) start block inside the message")
+    if END_BLOCK[:1] in raw[1:-2]:
+        # C.4.2: FS is the end-block character and never content; a bare FS inside a field
+        # (not followed by CR) would otherwise reach a patient name.
+        where = raw.index(END_BLOCK[:1], 1)
+        return Frame(raw, f"bad MLLP framing: an FS (0x1C) end-block byte inside the message at byte {where}")
     return Frame(raw)
 
 

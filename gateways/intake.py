@@ -27,6 +27,8 @@ from gateways.validation import (
     FailureReason,
     InstanceUids,
     InvalidInstance,
+    check_encoding,
+    check_pixel_data,
     check_storable,
     header_text,
     instance_metadata,
@@ -87,9 +89,14 @@ class InstanceIntake:
         if header is None:
             header = read_instance(received.data)
         received.note(header)
+        # The walk over the encoded elements: whole, each element once (PS3.5 7.1). A C-STORE
+        # knows its transfer syntax first (so a cut-short data set is called that before its
+        # UIDs are judged); a STOW-RS part's comes from its file meta, once that is valid.
+        shape = check_encoding(received.data, transfer_syntax) if transfer_syntax is not None else None
         uids = instance_uids(header)
         if transfer_syntax is None:
             transfer_syntax = check_storable(header, uids.sop_class_uid)
+        check_pixel_data(header, shape or check_encoding(received.data, transfer_syntax), transfer_syntax)
         if check is not None:
             check(uids)
         key = instance_key(uids.study_uid, uids.series_uid, uids.sop_instance_uid)

@@ -1,5 +1,7 @@
 """DICOMweb gateway: a STOW-RS origin server that turns stored instances into events.
 
+Over 400 lines: one request's life (authentication, streamed parts, partial-body truth, answers) in one place.
+
 Sites' PACS push studies here over HTTP(S) (DICOM PS3.18 10.5 Store Transaction):
 ``POST /dicomweb/studies`` or ``POST /dicomweb/studies/{study}`` with a
 ``multipart/related; type="application/dicom"`` body, one PS3.10 instance per part.
@@ -13,10 +15,13 @@ written to the claim-check blob store and published as an ``InstanceReceived`` w
 (ReferencedSOPSequence, FailedSOPSequence with FailureReason (0008,1197)) as
 ``application/dicom+json`` (PS3.18 F.2), or ``application/dicom+xml`` (PS3.19 A.1)
 when the client asks for it, with 200 (all stored), 202 (some failed) or 409 (none).
-A request refused as a whole gets 400 (unparseable multipart), 401 (no or unknown
+A request refused as a whole gets 400 (unparseable multipart or HTTP), 401 (no or unknown
 bearer token, RFC 6750), 413 (over ``stow.max_body_bytes``), 415 (not
 multipart/related of application/dicom) or 503 + Retry-After while the broker does
-not acknowledge (nothing was accepted; the client retries). Every refusal is logged
+not acknowledge: nothing of it was stored. A part counts once the delimiter after it
+arrived; a body that fails after some parts were handed over (malformed, cut short,
+the connection closed) is answered for part by part: those parts stand, the fault is
+one more FailedSOPSequence item, 202 or 409 (see README, bad input). Every refusal is logged
 with its reason and, unless the broker is down, published as a ``DeadLetter`` with the
 refused bytes (:mod:`gateways.deadletter`: inline up to 64 KiB, else by claim check,
 an instance under ``rejected/``, a whole request under ``rejected/stow/``);
@@ -41,12 +46,15 @@ from functools import partial
 
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import Counter, Histogram
 
 from adapters.blobs import open_blob_store
 from adapters.telemetry import get_logger
 from gateways.deadletter import BROKER_UNAVAILABLE
 from gateways.dicomweb import (
+    BodyFault,
     BodyTap,
     BodyTooLarge,
     PartOutcome,
@@ -226,14 +234,14 @@ class StowGateway:
             while True:
                 tap.mark()
                 try:
-                    part = await reader.next()
-                except (ValueError, AssertionError, RuntimeError) as exc:
-                    raise RequestRefused(400, "malformed_multipart", f"malformed multipart body: {exc}") from None
-                if part is None:
+                    read = await self._next_part(request, reader, tap, len(tasks) + 1)
+                except BodyFault as fault:
+                    if not tasks:  # nothing was handed over: the request as a whole is refused
+                        raise RequestRefused(400, fault.reason, fault.error) from None
+                    return await self._partly_read(tasks, tap, site, fault)
+                if read is None:
                     break
-                if not isinstance(part, BodyPartReader):
-                    raise RequestRefused(400, "malformed_multipart", "nested multipart parts are not instances")
-                data, failure = await read_part(part, self.settings.stow.max_part_bytes)
+                data, failure = read
                 await slots.acquire()
                 task = loop.run_in_executor(self._pool, self.store_part, data, failure, site, target_study)
                 task.add_done_callback(lambda _t: slots.release())
@@ -245,6 +253,60 @@ class StowGateway:
                 await asyncio.gather(*tasks, return_exceptions=True)
             raise
         return list(await asyncio.gather(*tasks))
+
+    async def _next_part(self, request: web.Request, reader: StowMultipartReader, tap: BodyTap,
+                         number: int) -> tuple[bytes, InvalidInstance | None] | None:
+        """The next part, read to its delimiter; None after the close-delimiter.
+
+        A part counts only when the delimiter after it arrived (RFC 2046 5.1.1): a part
+        that ends with the body may have been cut short, so it raises :class:`BodyFault`
+        like every other reason the body cannot be read on.
+        """
+        try:
+            part = await reader.next()
+            if part is None:
+                return None
+            if not isinstance(part, BodyPartReader):
+                raise BodyFault("malformed_multipart", f"malformed multipart body: part {number} is a nested "
+                                "multipart, not an instance")
+            read = await read_part(part, self.settings.stow.max_part_bytes)
+        except HttpProcessingError:
+            raise BodyFault("malformed_multipart", f"malformed multipart body: part {number} has no valid header "
+                            "block (RFC 2046 5.1.1: header fields, then an empty line)") from None
+        except (ValueError, AssertionError, RuntimeError) as exc:
+            raise BodyFault("malformed_multipart", f"malformed multipart body: {str(exc)[:200]}") from None
+        except (ConnectionError, asyncio.IncompleteReadError):
+            declared = f" of the {request.content_length} declared" if request.content_length is not None else ""
+            raise BodyFault("incomplete_body", f"the client closed the connection after {tap.total}{declared} "
+                            f"bytes of the body, inside part {number}") from None
+        if tap.at_eof():
+            raise BodyFault("unterminated_part", f"the body ended inside part {number}: no delimiter follows it "
+                            "(RFC 2046 5.1.1), so it may be cut short; it was not stored")
+        return read
+
+    async def _partly_read(self, tasks: list[asyncio.Future[PartOutcome]], tap: BodyTap, site: str,
+                           fault: BodyFault) -> list[PartOutcome]:
+        """A body that failed after some parts were handed over: those stand and are answered
+        for one by one (PS3.18 10.5.3: 202 or 409), the fault is one more failed item, and
+        its dead letter carries the bytes from where the failing part began."""
+        outcomes = list(await asyncio.gather(*tasks))
+        (slog.info if fault.reason == "incomplete_body" else slog.warning)(
+            "STOW-RS body failed after some parts", source_site=site, reason=fault.reason, error=fault.error,
+            parts_before=len(outcomes))
+        try:
+            payload = await tap.rest()
+        except Exception:  # the connection is gone: what was read is what there is
+            payload = bytes(tap.recent)
+        await asyncio.get_running_loop().run_in_executor(self._pool, partial(
+            self.intake.dead_letters.send, fault.reason, fault.error, refused=payload,
+            rejected_key_of=rejected_request_key))
+        return outcomes + [PartOutcome(refusal=InvalidInstance(FailureReason.CANNOT_UNDERSTAND, fault.reason,
+                                                               fault.error))]
+
+    def dead_letter_soon(self, reason: str, error: str, payload: bytes = b"") -> None:
+        """Publish a request's dead letter from a worker thread, without waiting for it."""
+        asyncio.get_running_loop().run_in_executor(self._pool, partial(
+            self.intake.dead_letters.send, reason, error, refused=payload, rejected_key_of=rejected_request_key))
 
     # -- one instance (runs in a worker thread) ----------------------------
 
@@ -299,7 +361,8 @@ class StowGateway:
                       refusal: RequestRefused) -> web.Response:
         """A request refused as a whole: log, dead-letter what was sent (if anyone may send it), answer."""
         broker_down = refusal.reason == BROKER_UNAVAILABLE
-        (slog.error if broker_down or refusal.status >= 500 else slog.warning)(
+        peer_gone = refusal.reason == "incomplete_body"  # the client's doing, not a fault of ours
+        (slog.error if broker_down or refusal.status >= 500 else slog.info if peer_gone else slog.warning)(
             "refused STOW-RS request", status=refusal.status, reason=refusal.reason, error=refusal.error,
             remote=request.remote, path=request.path, source_site=site,
             content_type=request.headers.get(hdrs.CONTENT_TYPE))
@@ -338,9 +401,52 @@ def rejected_request_key(raw: bytes) -> str:
 # ---------------------------------------------------------------- serving
 
 
+class _StowConnection(RequestHandler):
+    """aiohttp's HTTP/1.1 connection, answering a request its parser refuses as the gateway
+    answers any refusal: 400 with a short JSON reason, logged in one line, dead-lettered.
+
+    aiohttp's own answer echoes the offending bytes back (a smuggled body as a header
+    line); a parse error drops every request of the same read, so the answer says
+    nothing was stored, which is true. The sender is unauthenticated: no bytes are kept.
+    """
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != 400 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        what = (exc.message or type(exc).__name__).splitlines()[0].rstrip(": ")[:100]
+        error = f"malformed HTTP request ({what}); nothing in it was stored"
+        slog.warning("refused STOW-RS request", status=400, reason="malformed_http", error=error,
+                     remote=request.remote)
+        REQUESTS.labels(status="400").inc()
+        gateway: StowGateway | None = getattr(self._manager, "stow_gateway", None)
+        if gateway is not None:
+            gateway.dead_letter_soon("malformed_http", error)
+        response = web.json_response({"error": error, "reason": "malformed_http"}, status=400)
+        response.force_close()
+        return response
+
+
+class _StowServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _StowConnection(self, loop=self._loop, **self._kwargs)
+
+
+class _StowRunner(web.AppRunner):
+    def __init__(self, gateway: StowGateway) -> None:
+        super().__init__(gateway.app(), access_log=None, handle_signals=False)
+        self._gateway = gateway
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _StowServer  # same state, our connection class
+        server.stow_gateway = self._gateway  # type: ignore[attr-defined]
+        return server
+
+
 async def start_server(settings: Settings, gateway: StowGateway, port: int | None = None) -> web.AppRunner:
     """Listen on ``settings.bind_host:settings.stow.port`` (or ``port``), HTTPS when TLS is configured."""
-    runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False)
+    runner = _StowRunner(gateway)
     await runner.setup()
     site = web.TCPSite(runner, settings.bind_host, settings.stow.port if port is None else port,
                        ssl_context=tls_context(settings), reuse_address=True)

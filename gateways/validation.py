@@ -1,7 +1,8 @@
 """Checks every DICOM gateway applies to an instance before it is stored and published.
 
 Whatever protocol brought it (C-STORE, STOW-RS), an instance must be a complete PS3.10
-data set with valid Study, Series and SOP Instance UIDs (PS3.5 9.1), a storage SOP
+data set, each element once (:func:`check_encoding`), whose native Pixel Data holds
+every pixel the Image Pixel Module declares (:func:`check_pixel_data`), with valid Study, Series and SOP Instance UIDs (PS3.5 9.1), a storage SOP
 class this network accepts (PS3.4 Annex B) and a transfer syntax DICOM defines
 (PS3.5 Annex A). A refusal is an :class:`InvalidInstance` carrying the failure code the
 protocols share: the PS3.4 C-STORE status and the PS3.18 STOW-RS FailureReason
@@ -24,6 +25,14 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts
 
+from gateways.dicom_wire import (
+    DataSetShape,
+    DuplicateElement,
+    IncompleteDataSet,
+    NotADataSet,
+    check_complete,
+    data_set_offset,
+)
 from schemas.blobs import is_valid_uid
 
 _INT32 = (-(2**31), 2**31 - 1)
@@ -84,7 +93,11 @@ def read_instance(data: bytes) -> Dataset:
         raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "undecodable",
                               f"not a DICOM PS3.10 file: {exc}") from None
     for tag in dataset.keys():
-        raw = dataset.get_item(tag)
+        try:
+            raw = dataset.get_item(tag)
+        except Exception as exc:  # e.g. an unknown VR (PS3.5 6.2): pydicom raises NotImplementedError
+            raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "undecodable",
+                                  f"element {tag} cannot be read: {exc}") from None
         if (isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH and raw.value is not None
                 and len(raw.value) < raw.length):
             raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "truncated",
@@ -126,6 +139,51 @@ def check_storable(header: Dataset, sop_class_uid: str) -> str:
                               f"MediaStorageSOPInstanceUID {media_sop} differs from SOPInstanceUID "
                               f"{header_text(header, 'SOPInstanceUID')} (PS3.10 7.1)", ["SOPInstanceUID"])
     return transfer_syntax
+
+
+def check_encoding(part10: bytes, transfer_syntax: str) -> DataSetShape:
+    """The data set of the PS3.10 file ``part10`` is whole and holds each element once
+    (:func:`gateways.dicom_wire.check_complete`); its shape for :func:`check_pixel_data`."""
+    try:
+        return check_complete(part10[data_set_offset(part10):], transfer_syntax)
+    except NotADataSet as exc:
+        raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "undecodable", f"not a DICOM data set: {exc}") from None
+    except IncompleteDataSet as exc:
+        raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "truncated", f"incomplete data set: {exc}") from None
+    except DuplicateElement as exc:
+        raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "duplicate_element", str(exc)) from None
+
+
+def check_pixel_data(header: Dataset, shape: DataSetShape, transfer_syntax: str) -> None:
+    """PS3.5 8.1.1 / PS3.3 C.7.6.3: native (uncompressed) Pixel Data holds Rows × Columns ×
+    Samples per Pixel × Bits Allocated bits per frame, for Number of Frames frames.
+
+    pydicom and the blob store take a shorter value as it is; a viewer then shows a
+    partial or empty image as if it were the study. Encapsulated pixel data (compressed
+    syntaxes, PS3.5 A.4) has no fixed length and is checked by the walk only.
+    """
+    rows, columns = header_int(header, "Rows"), header_int(header, "Columns")
+    if rows and columns and not shape.has_pixel_data:
+        # An image pixel module without its pixels: a file cut off at an element boundary.
+        raise InvalidInstance(FailureReason.DATASET_MISMATCH, "pixel_data_length",
+                              f"Rows {rows} and Columns {columns} but no Pixel Data (PS3.3 C.7.6.3)", ["PixelData"])
+    length = shape.pixel_data_length
+    if length is None or UID(transfer_syntax).is_compressed:
+        return
+    bits = header_int(header, "BitsAllocated")
+    samples = header_int(header, "SamplesPerPixel") or 1
+    frames = header_int(header, "NumberOfFrames") or 1
+    if not rows or not columns or not bits or rows < 0 or columns < 0 or bits < 0 or samples < 0 or frames < 0:
+        raise InvalidInstance(FailureReason.DATASET_MISMATCH, "pixel_data_length",
+                              f"Pixel Data of {length} bytes without Rows, Columns and Bits Allocated "
+                              "(PS3.3 C.7.6.3)", ["PixelData"])
+    if header_text(header, "PhotometricInterpretation") == "YBR_FULL_422":
+        samples = 2  # PS3.3 C.7.6.3.1.2: two chrominance samples shared by each pair of pixels
+    needed = (rows * columns * samples * bits * frames + 7) // 8
+    if length < needed:
+        raise InvalidInstance(FailureReason.DATASET_MISMATCH, "pixel_data_length",
+                              f"Pixel Data holds {length} bytes; {rows} rows x {columns} columns x {samples} "
+                              f"samples x {bits} bits x {frames} frames need {needed} (PS3.5 8.1.1)", ["PixelData"])
 
 
 def instance_metadata(header: Dataset) -> dict[str, Any]:

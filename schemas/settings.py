@@ -87,6 +87,12 @@ class DicomSettings(_Group):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(30.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    artim_timeout_s: float = Field(
+        5.0, gt=0, description="ARTIM (PS3.8 9.1.5): a connection whose A-ASSOCIATE-RQ has not come within this "
+                               "is closed, freeing its association slot")
+    max_unassociated_per_peer: int = Field(
+        4, ge=1, description="connections one peer address may hold open before their A-ASSOCIATE-RQ; "
+                             "more are closed at accept")
     # Site identity and access (issue 3): a comma-separated string so that it travels
     # unchanged through RADSTREAM_DICOM_SITE_MAP to the gateway process.
     site_map: str = Field(

@@ -85,3 +85,15 @@ def objectstore(durable_settings: Settings, tmp_path: Path) -> Iterator[Settings
         yield durable_settings
     finally:
         procs.stop(proc, grace_s=5)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Report how many mutations each fuzzed parser survived (tests/test_fuzz_gateways.py)."""
+    import sys
+
+    fuzz = sys.modules.get("load.fuzz_gateways")
+    if fuzz is None or not fuzz.MUTATIONS:
+        return
+    terminalreporter.section("gateway fuzzing")
+    for name, count in sorted(fuzz.MUTATIONS.items()):
+        terminalreporter.write_line(f"{name}: {count} mutations, no counterexample")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -214,8 +216,35 @@ def sop_class_mismatch(d: Path) -> tuple[Path, str]:
     return encoded_as_is(instance, d), "CASE-CLASS-MISMATCH"
 
 
+def _with_pixel_data(marker: str, keep: int) -> Callable[[Path], tuple[Path, str]]:
+    """Issue #14 (a): well-formed Pixel Data (its length says what it holds) shorter than
+    Rows x Columns x Samples x Bits Allocated needs (CT_small: 128 x 128 x 1 x 16 bits)."""
+    def case(d: Path) -> tuple[Path, str]:
+        instance = ct_instance(marker)
+        instance.PixelData = instance.PixelData[:keep]
+        return encoded_as_is(instance, d), marker
+    case.__name__ = f"pixel_data_of_{keep}_bytes"
+    return case
+
+
+def duplicate_study_uid(d: Path) -> tuple[Path, str]:
+    """Issue #14 (c): the same element twice with different values (two StudyInstanceUIDs)."""
+    path = encoded(ct_instance("CASE-DUP-STUDY"), d, "dup.dcm")
+    data = path.read_bytes()
+    at = data.index(b"\x20\x00\x0d\x00UI")  # (0020,000D) in explicit VR little endian
+    length = int.from_bytes(data[at + 6:at + 8], "little")
+    other = generate_uid().encode()
+    other += b"\0" * (len(other) % 2)
+    second = data[at:at + 4] + b"UI" + len(other).to_bytes(2, "little") + other
+    path.write_bytes(data[:at + 8 + length] + second + data[at + 8 + length:])
+    return path, "CASE-DUP-STUDY"
+
+
 CORPUS = [
     # (case, DIMSE status, dead-letter reason, Offending Element)
+    (_with_pixel_data("CASE-SHORT-PIXELS", 4096), 0xA900, "pixel_data_length", "PixelData"),
+    (_with_pixel_data("CASE-NO-PIXELS", 0), 0xA900, "pixel_data_length", "PixelData"),
+    (duplicate_study_uid, 0xC000, "duplicate_element", None),
     (truncated_pixel_data, 0xC000, "truncated", None),
     (truncated_header, 0xC000, "truncated", None),
     (truncated_encapsulated, 0xC000, "truncated", None),
@@ -253,6 +282,45 @@ def test_malformed_instance_gets_its_status_and_a_dead_letter(gateway: Gateway, 
     assert c_echo(gateway.settings) == 0x0000  # still serving
 
 
+def test_the_gateway_process_answers_the_whole_corpus_and_is_never_restarted(gateway: Gateway,
+                                                                               tmp_path: Path) -> None:
+    """The same corpus against ``python -m gateways.dicom_scp`` as production runs it: every
+    case gets its status, and at the end the process is the one that started (same PID)."""
+    settings = gateway.settings.model_copy(update={"dicom": gateway.settings.dicom.model_copy(
+        update={"port": procs.free_port()})})
+    env = {**os.environ, **settings.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+    proc = procs.spawn(procs.python_module("gateways.dicom_scp"), env=env, log_path=tmp_path / "gateway.log")
+    try:
+        procs.wait_for_port("127.0.0.1", settings.dicom.port, 30, proc)
+        pid = proc.pid
+        # Issue #14 (d): idle connections from another address stay open the whole time.
+        idle = [socket.create_connection((settings.bind_host, settings.dicom.port), source_address=("127.0.0.2", 0))
+                for _ in range(20)]
+        answers = {}
+        for case, status, _reason, _offending in CORPUS:
+            directory = tmp_path / case.__name__
+            directory.mkdir()
+            path, _marker = case(directory)
+            answers[case.__name__] = (int(send_as_is(settings, path).Status), status)
+        assert {name: got for name, (got, _) in answers.items()} == {
+            name: expected for name, (_, expected) in answers.items()}
+        # A peer that resets its connection inside a PDU header: an info line, not a traceback.
+        with socket.create_connection((settings.bind_host, settings.dicom.port)) as reset:
+            reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset.sendall(b"\x01\x00\x00")
+            time.sleep(0.3)
+        time.sleep(0.5)
+        assert proc.poll() is None and proc.pid == pid
+        assert c_echo(settings) == 0x0000
+        log = (tmp_path / "gateway.log").read_text()
+        assert "Traceback" not in log and "[error" not in log, log[-2000:]
+        assert "[info     ] peer connection lost: ConnectionResetError" in log
+        for sock in idle:
+            sock.close()
+    finally:
+        procs.stop(proc, grace_s=5)
+
+
 def dcmread_tag(keyword: str):
     from pydicom.tag import Tag
 
@@ -275,6 +343,34 @@ def test_sop_class_the_gateway_does_not_store_is_refused_at_negotiation(gateway:
         assoc.release()
     assert metric("radstream_dicom_association_rejections_total",
                   reason="abstract_syntax_not_supported") == refused_before + 1
+
+
+@pytest.mark.parametrize("context_class", ["1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.1.4"],
+                         ids=["verification_context", "mr_storage_context"])
+def test_a_c_store_on_a_context_negotiated_for_another_sop_class_is_refused_0x0122(
+        gateway: Gateway, context_class: str) -> None:
+    """Issue #14 (b): PS3.8 9.3.5.1: the CT instance rides a context negotiated for Verification / MR."""
+    marker = f"CASE-CONTEXT-{context_class[-3:]}"
+    instance = ct_instance(marker)
+    scu = AE(ae_title=CALLING_AE)
+    scu.add_requested_context(context_class, "1.2.840.10008.1.2")
+    scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2")  # CT, also accepted
+    assoc = scu.associate(gateway.settings.bind_host, gateway.settings.dicom.port, ae_title="RADSTREAM")
+    assert assoc.is_established
+    wrong = next(c for c in assoc.accepted_contexts if str(c.abstract_syntax) == context_class)
+    assoc._get_valid_context = lambda *args, **kwargs: wrong  # what a faulty SCU does
+    try:
+        answer = assoc.send_c_store(instance)
+    finally:
+        assoc.release()
+    assert (answer.Status, str(answer.OffendingElement)) == (0x0122, str(dcmread_tag("AffectedSOPClassUID")))
+    error = (f"C-STORE of 1.2.840.10008.5.1.4.1.1.2 on presentation context {wrong.context_id}, negotiated for "
+             f"{context_class} (PS3.8 9.3.5.1)")
+    assert answer.ErrorComment == error[:64].rstrip()  # LO, 64 characters, trailing space dropped
+    letter = dead_letter_with(gateway.settings, marker.encode())
+    assert (letter.stage, letter.reason, letter.error) == ("dicom-scp", "context_mismatch", error)
+    stored = [p for p in gateway.store.root.rglob(f"{instance.SOPInstanceUID}.dcm")]
+    assert stored == []
 
 
 def test_the_same_instance_twice_is_idempotent_one_blob_two_identical_events(gateway: Gateway,

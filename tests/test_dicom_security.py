@@ -221,6 +221,50 @@ def test_storescu_over_mutual_tls_is_stored_and_plain_tcp_is_refused_cleanly(run
     assert event.sop_instance_uid == dcmread(ct, stop_before_pixels=True).SOPInstanceUID
 
 
+# ---------------------------------------------------------------- connections that never associate
+
+
+def _idle_connection(settings: Settings, source_host: str) -> socket.socket:
+    """A TCP connection that never sends A-ASSOCIATE-RQ, from ``source_host`` (a loopback alias)."""
+    sock = socket.create_connection((settings.bind_host, settings.dicom.port), timeout=10,
+                                    source_address=(source_host, 0))
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_connections_hold_no_slot_a_real_sender_needs(run_gateway) -> None:
+    """Issue #14 (d): idle TCP connections held every association slot ~30 s, and a real
+    sender meanwhile got A-ASSOCIATE-RJ. Now one peer address holds at most
+    ``max_unassociated_per_peer`` of them (more are closed at accept) and ARTIM
+    (PS3.8 9.1.5) closes those after ``artim_timeout_s``."""
+    gateway = run_gateway(max_associations=3, artim_timeout_s=1.0, max_unassociated_per_peer=2)
+    settings = gateway.settings
+    refused_before = metric("radstream_dicom_association_rejections_total", reason="peer_unassociated_limit")
+    idle = [_idle_connection(settings, "127.0.0.2") for _ in range(5)]
+    try:
+        time.sleep(0.3)  # let the server accept them all
+        closed_at_accept = [_closed_within(sock, 0.3) for sock in idle]
+        assert closed_at_accept.count(False) == 2 and closed_at_accept.count(True) == 3
+        assert metric("radstream_dicom_association_rejections_total",
+                      reason="peer_unassociated_limit") == refused_before + 3
+        assert c_echo(settings) == 0x0000  # a real sender while the two idle ones are still open
+        held = [sock for sock, closed in zip(idle, closed_at_accept) if not closed]
+        assert all(_closed_within(sock, 5) for sock in held)  # ARTIM closes them (1 s)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert c_echo(settings) == 0x0000
+
+
 # ---------------------------------------------------------------- Orthanc as a site's PACS
 
 

@@ -286,6 +286,8 @@ def _corpus() -> dict[str, Bad]:
     non_utf8 = non_utf8.replace(b"MUELLER", b"M\xfcller")  # latin-1 bytes, no MSH-18
     bad_byte = non_utf8.index(b"\xfc")
     oversized = framed(message(msh("CTRL-BIG"), PID, orc(), obr("ACC-BIG", reason="X" * 70_000)))
+    fs_in_name = framed(message(msh("CTRL-FS"), PID.replace("DOE^JOHN", "DOE\x1cMALLORY^JOHN"), PV1, orc(),
+                                obr("ACC-FS")))
     return {
         "no start block": Bad(ok + FS_CR, "AR", "100", "bad_framing", "bad MLLP framing: no VT (0x0B) start block"),
         "junk before start block": Bad(b"junk" + framed(ok), "AR", "100", "bad_framing",
@@ -342,6 +344,37 @@ def _corpus() -> dict[str, Bad]:
                                      "ZDS-1 study instance UID 'abc.def' is not a valid DICOM UID (PS3.5 9.1)"),
         "segment without id": Bad(framed(message(msh("CTRL-SEG"), PID, "@@@|junk", orc(), obr())), "AE", "100",
                                   "bad_segment", "segment 3 does not start with a segment id ('@@@|junk')"),
+        # issue #14 (l): one ACK for two messages filed both orders under the first control id and patient
+        "two messages in one block": Bad(framed(orm("ACC-TWO-1", "CTRL-TWO-1") + orm("ACC-TWO-2", "CTRL-TWO-2")),
+                                         "AR", "100", "several_messages",
+                                         "one MLLP block holds 2 messages (MSH/BHS/FHS at segments 1, 6); "
+                                         "send one message per block (HL7 v2.5 C.4.1)"),
+        # (i): ORC OBR OBR OBR was AA with only the last OBR published
+        "one ORC with three OBRs": Bad(framed(message(msh("CTRL-OBRS"), PID, PV1, orc(), obr("ACC-OBR-1"),
+                                                      obr("ACC-OBR-2"), obr("ACC-OBR-3"))), "AE", "100",
+                                       "segment_sequence",
+                                       "order 1 has a second OBR segment: one OBR per ORC "
+                                       "(ORM^O01 ORDER group, HL7 v2.5 4.4.1)"),
+        # (j): the end-block byte inside a patient name was published in it
+        "FS end-block byte inside a field": Bad(fs_in_name, "AR", "100", "bad_framing",
+                                                "bad MLLP framing: an FS (0x1C) end-block byte inside the message "
+                                                f"at byte {fs_in_name.index(FS_CR[:1])}"),
+        # (k): data types of the fields radstream reads
+        "impossible birth date": Bad(framed(message(msh("CTRL-DOB"), PID.replace("19700101", "19701332"), PV1, orc(),
+                                                    obr("ACC-DOB"))), "AE", "102", "bad_data_type",
+                                     "PID-7 date/time of birth '19701332' is not a valid DTM "
+                                     "(YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])"),
+        "MSH-7 is not a date/time": Bad(framed(orm("ACC-YDAY", "CTRL-YDAY").replace(b"20250101120000", b"yesterday")),
+                                        "AE", "102", "bad_data_type",
+                                        "MSH-7 date/time of message 'yesterday' is not a valid DTM "
+                                        "(YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])"),
+        "sex not in table 0001": Bad(framed(message(msh("CTRL-SEX"), PID.replace("|M|", "|Q|"), PV1, orc(),
+                                                    obr("ACC-SEX"))), "AE", "103", "bad_table_value",
+                                     "PID-8 administrative sex 'Q' is not in HL7 table 0001 (A, F, M, N, O, U)"),
+        "priority not in table 0485": Bad(framed(orm("ACC-PRIO", "CTRL-PRIO", priority="ZZ")), "AE", "103",
+                                          "bad_table_value",
+                                          "order 1 priority (TQ1-9 / OBR-27.6 / ORC-7.6) 'ZZ' is not in HL7 table "
+                                          "0485 (A, C, P, PRN, R, S, T)"),
         "ADT without patient id": Bad(framed(message(msh("CTRL-ADT0", "ADT^A08"), segment("PID", {5: "DOE^JANE"}))),
                                       "AE", "101", "missing_patient_id", "PID-3 patient identifier is empty"),
     }
@@ -369,6 +402,12 @@ def test_malformed_input_gets_its_failure_answer_and_a_dead_letter(gateway: Gate
         assert letter.payload is None and letter.payload_uri and "/rejected/hl7/" in letter.payload_uri
     else:
         assert letter.payload == bad.raw and letter.payload_uri is None
+
+
+def test_refused_messages_published_no_order(gateway: Gateway) -> None:
+    """Issue #14 (i)(j)(k)(l): a refusal means nothing of the message reached order.received."""
+    refused = ["CTRL-TWO-1", "CTRL-TWO-2", "CTRL-OBRS", "CTRL-FS", "CTRL-DOB", "CTRL-YDAY", "CTRL-SEX", "CTRL-PRIO"]
+    assert set(gateway.orders(*refused, timeout_s=3)) & set(refused) == set()
 
 
 def test_the_gateway_process_survived_the_corpus_without_restart(gateway: Gateway) -> None:

@@ -14,7 +14,9 @@ import asyncio
 import copy
 import datetime as dt
 import io
+import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -101,6 +103,7 @@ class Stack:
     letters: list[DeadLetter] = field(default_factory=list)
     instances: dict[str, InstanceReceived] = field(default_factory=dict)
     consumers: dict[str, Consumer] = field(default_factory=dict)
+    log_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -192,7 +195,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         proc = _spawn_gateway(settings, tmp / "gateway.log")
         consumers = {"dead": _consumer(settings, DEAD_LETTER.name(settings)),
                      "instances": _consumer(settings, INSTANCE_RECEIVED.name(settings))}
-        yield Stack(settings, proc, proc.pid, consumers=consumers)
+        yield Stack(settings, proc, proc.pid, consumers=consumers, log_path=tmp / "gateway.log")
         for consumer in consumers.values():
             consumer.close()
     finally:
@@ -348,6 +351,101 @@ def test_a_resent_instance_is_accepted_again_idempotently(stack: Stack) -> None:
     assert len(Dataset.from_json(second.json()).ReferencedSOPSequence) == 2
     event = stack.instance(str(instance.SOPInstanceUID))
     assert blob(event.blob_uri) == data  # one blob key per instance: re-sending overwrites the same bytes
+
+
+# ---------------------------------------------------------------- bodies that fail part-way (issue #14)
+
+
+def _part(data: bytes) -> bytes:
+    return f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+
+
+def _raw_request(stack: Stack, head: bytes, body: bytes, *, half_close: bool = False) -> bytes:
+    """Send bytes as they are (no HTTP client fixes them up); what comes back before close."""
+    with socket.create_connection(("127.0.0.1", stack.settings.stow.port), timeout=30) as sock:
+        sock.sendall(head + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+def _head(content_length: int, *extra: str) -> bytes:
+    lines = ["POST /dicomweb/studies HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {TOKEN_A}",
+             f"Content-Type: {STOW_TYPE}", f"Content-Length: {content_length}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _published(stack: Stack, sop_instance_uid: str, wait_s: float = 3) -> bool:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and sop_instance_uid not in stack.instances:
+        stack._drain()
+    return sop_instance_uid in stack.instances
+
+
+def test_a_body_whose_close_delimiter_never_comes_is_202_naming_exactly_the_parts_stored(stack: Stack) -> None:
+    """(e): the part the body ended inside is not stored; the answer lists what was."""
+    first, second = new_instance(), new_instance()
+    body = _part(encoded(first)) + _part(encoded(second))  # no "--boundary--"
+    answer = stack.post(body)
+    assert answer.status_code == 202, answer.text
+    response = Dataset.from_json(answer.json())
+    assert [str(i.ReferencedSOPInstanceUID) for i in response.ReferencedSOPSequence] == [str(first.SOPInstanceUID)]
+    assert [(i.FailureReason, i.ReferencedSOPInstanceUID) for i in response.FailedSOPSequence] == [(0xC000, "")]
+    assert stack.instance(str(first.SOPInstanceUID)).source_site == "SITE_A"
+    assert not _published(stack, str(second.SOPInstanceUID))
+    letter = stack.dead_letter(lambda l: l.reason == "unterminated_part")
+    assert letter.error == ("the body ended inside part 2: no delimiter follows it (RFC 2046 5.1.1), so it may be "
+                            "cut short; it was not stored")
+    assert payload_of(letter) == _part(encoded(second))  # the failing part as it was sent
+
+
+def test_a_part_without_a_header_block_is_400_naming_the_part(stack: Stack) -> None:
+    """(f): was 500 internal_error from the parser's exception."""
+    instance = new_instance()
+    body = f"--{BOUNDARY}\r\n".encode() + encoded(instance) + f"\r\n--{BOUNDARY}--\r\n".encode()
+    answer = stack.post(body)
+    error = ("malformed multipart body: part 1 has no valid header block (RFC 2046 5.1.1: header fields, "
+             "then an empty line)")
+    assert (answer.status_code, answer.json()) == (400, {"error": error, "reason": "malformed_multipart"})
+    letter = stack.dead_letter(lambda l: l.reason == "malformed_multipart" and l.error == error)
+    assert payload_of(letter) == body
+    assert not _published(stack, str(instance.SOPInstanceUID), wait_s=1)
+
+
+def test_a_request_smuggling_attempt_is_400_without_echo_and_nothing_stored(stack: Stack) -> None:
+    """(g): Content-Length and Transfer-Encoding together (RFC 9112 6.3): aiohttp echoed the body."""
+    instance = new_instance()
+    body = multipart(encoded(instance)) + b"0\r\n\r\n" + b"GET /smuggled HTTP/1.1\r\n" + os.urandom(136_000)
+    raw = _raw_request(stack, _head(len(body), "Transfer-Encoding: chunked"), body)
+    head, _, content = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400 ") and raw.count(b" HTTP/1.") == 0 and len(content) < 300
+    error = "malformed HTTP request (Transfer-Encoding can't be present with Content-Length); nothing in it was stored"
+    assert json.loads(content) == {"error": error, "reason": "malformed_http"}
+    letter = stack.dead_letter(lambda l: l.reason == "malformed_http" and l.error == error)
+    assert payload_of(letter) in (None, b"")  # unauthenticated: the parser never got to the token
+    assert not _published(stack, str(instance.SOPInstanceUID), wait_s=1)
+
+
+def test_a_client_that_half_closes_inside_its_declared_body_is_an_info_line_and_a_dead_letter(stack: Stack) -> None:
+    """(h): was logged as an internal error with a traceback."""
+    body = multipart(encoded(new_instance()))
+    sent = body[:500]
+    declared = len(body) + 100_000
+    _raw_request(stack, _head(declared), sent, half_close=True)
+    error = f"the client closed the connection after 500 of the {declared} declared bytes of the body, inside part 1"
+    letter = stack.dead_letter(lambda l: l.reason == "incomplete_body")
+    assert (letter.error, payload_of(letter)) == (error, sent)
+    assert stack.log_path is not None
+    log = stack.log_path.read_text()
+    assert "internal_error" not in log and "Traceback" not in log
+    assert any("refused STOW-RS request" in line and "incomplete_body" in line and "[info" in line
+               for line in log.splitlines())
 
 
 def test_the_gateway_process_survived_the_corpus_without_restart(stack: Stack) -> None:
