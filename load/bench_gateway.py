@@ -47,7 +47,12 @@ CALLING_AE = "BENCH"
 
 def make_instances(count: int, directory: Path) -> list[Path]:
     """``count`` instances of one new CT series, each a real, distinct SOP instance."""
-    template = dcmread(get_testdata_file("CT_small.dcm", download=False))
+    return make_study(dcmread(get_testdata_file("CT_small.dcm", download=False)), count, directory)
+
+
+def make_study(template, count: int, directory: Path) -> list[Path]:
+    """One new study of ``count`` copies of ``template`` (one series), each a distinct SOP
+    instance that announces the study's size, as a modality's push does."""
     study_uid, series_uid = generate_uid(), generate_uid()
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
