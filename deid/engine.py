@@ -1,6 +1,6 @@
 """One DICOM instance in, one de-identified instance out (DICOM PS3.15 Annex E).
 
-About 550 lines: one walk over the data set whose actions share the plan and the byte-level encoder.
+About 590 lines: one walk over the data set whose actions share the plan, the cleaner and the byte-level encoder.
 
 Works on the encoded dataset as pydicom reads it: elements stay raw (undecoded bytes)
 unless an action needs their value, so Pixel Data, and every attribute the profile
