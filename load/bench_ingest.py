@@ -110,14 +110,8 @@ class Runtime:
 
     def stop(self) -> None:
         """SIGTERM: the supervisor stops its children; SIGKILL of the group if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            procs.stop(self.proc, grace_s=60)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -211,17 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup = make_study(template, 1, root / "warmup")  # first association, first produce: not timed
         size_kb = studies[1][0].stat().st_size / 1000
 
-        settings = load_settings(
-            data_dir=root / "data",
-            kafka={"embedded_port": procs.free_port()},
-            seaweedfs={"s3_port": procs.free_port(), "port_base": procs.free_port_range(11)},
-            warehouse={"embedded_port": procs.free_port()},
-            dicom={"port": procs.free_port()},
-            hl7={"port": procs.free_port()},
-            stow={"port": procs.free_port()},
-            worker={"web_port": procs.free_port()},
-            metrics={"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0, "stow_gateway_port": 0},
-        )
+        settings = load_settings(data_dir=root / "data", **procs.isolated_listeners())
         print(f"instances: {args.instances} x {size_kb:.0f} kB head CT ({HEAD_CT}) per send; "
               f"radstream: blobs {settings.blobs.backend}, broker {settings.kafka.storage}",
               flush=True)

@@ -73,6 +73,25 @@ def free_port_range(count: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
+def isolated_listeners(**groups: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Settings groups that give every listener of a runtime its own free port (metrics
+    off), for a runtime that must not collide with another on this machine (tests,
+    benchmarks); ``groups`` add or override keys per group, e.g. ``kafka={"partitions": 2}``."""
+    listeners: dict[str, dict[str, object]] = {
+        "kafka": {"embedded_port": free_port()},
+        "seaweedfs": {"s3_port": free_port(), "port_base": free_port_range(11)},
+        "warehouse": {"embedded_port": free_port()},
+        "dicom": {"port": free_port()},
+        "hl7": {"port": free_port()},
+        "stow": {"port": free_port()},
+        "worker": {"web_port": free_port()},
+        "metrics": {"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0, "stow_gateway_port": 0},
+    }
+    for group, values in groups.items():
+        listeners[group] = {**listeners.get(group, {}), **values}
+    return listeners
+
+
 def _ephemeral_start() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

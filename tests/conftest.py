@@ -38,20 +38,12 @@ def settings(tmp_path: Path) -> Settings:
     Blobs go to a local directory and the broker keeps its log in memory: fast, for the
     tests that are not about durability. Those use the ``durable_settings`` fixture.
     """
-    return load_settings(
-        data_dir=tmp_path / "data",
-        kafka={"embedded_port": procs.free_port(), "session_timeout_s": 6, "partitions": 2,
-               "topic_prefix": f"t{os.getpid()}", "storage": "memory://tansu/"},
+    return load_settings(data_dir=tmp_path / "data", **procs.isolated_listeners(
+        kafka={"session_timeout_s": 6, "partitions": 2, "topic_prefix": f"t{os.getpid()}",
+               "storage": "memory://tansu/"},
         blobs={"backend": "local"},
-        seaweedfs={"s3_port": procs.free_port(), "port_base": free_port_range(11)},
-        warehouse={"embedded_port": procs.free_port()},
-        dicom={"port": procs.free_port()},
-        hl7={"port": procs.free_port()},
-        stow={"port": procs.free_port()},
-        worker={"web_port": procs.free_port()},
-        metrics={"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0, "stow_gateway_port": 0},
         assembly={"quiet_period_s": 2.0, "scan_interval_s": 0.25},
-    )
+    ))
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from radstream import procs
 from radstream.send import send_files
 from schemas.settings import Settings
 from adapters.warehouse import connect, current_worklist
@@ -85,13 +86,8 @@ class Runtime:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            procs.stop(self.proc, grace_s=60)
 
 
 def _alive(pid: int) -> bool:
