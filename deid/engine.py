@@ -1,6 +1,6 @@
 """One DICOM instance in, one de-identified instance out (DICOM PS3.15 Annex E).
 
-About 590 lines: one walk over the data set whose actions share the plan, the cleaner and the byte-level encoder.
+About 600 lines: one walk over the data set whose actions share the plan, the cleaner and the byte-level encoder.
 
 Works on the encoded dataset as pydicom reads it: elements stay raw (undecoded bytes)
 unless an action needs their value, so Pixel Data, and every attribute the profile
@@ -8,7 +8,9 @@ keeps, is written back byte for byte. For each attribute the action comes from t
 Annex E table (:mod:`schemas.deid`), with the site's options applied on top:
 
 * the table's action, options first (an enabled option column's K or C replaces the
-  basic action), combined codes resolved by :func:`schemas.deid.strictest`;
+  basic action); combined codes (X/Z, X/D, X/Z/D, Z/D) by the attribute's Type in the
+  instance's IOD (:mod:`deid.iod`), the strictest (:func:`schemas.deid.strictest`) when
+  the IOD is unknown;
 * attributes the table does not list are kept, except: private attributes (removed
   unless on the site's safe-list, PS3.15 E.3.10), person names (PN, dummy), UIDs (UI,
   remapped unless a standard UID such as a SOP class), group lengths (removed);
@@ -40,6 +42,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from deid.iod import COMBINED, UNKNOWN, IodTypes, types_for
 from schemas.deid import (
     DESCRIPTOR_PATTERNS,
     INSTITUTION_IDENTITY,
@@ -109,11 +112,15 @@ class DeidentifiedInstance:
 class _Plan:
     """The resolved action of every listed attribute under one site policy."""
 
-    actions: dict[int, str]
+    actions: dict[int, str]  # combined codes as their strictest action (what an unknown IOD gets)
     policy: SitePolicy
     shift_dates: bool
+    combined: dict[int, str]  # tag -> X/Z, X/D, X/Z/D or Z/D, left for the IOD to resolve (deid.iod)
 
-    def action(self, tag: int) -> str | None:
+    def action(self, tag: int, path: tuple[int, ...] = (), vr: str = "", types: IodTypes = UNKNOWN) -> str | None:
+        """The action at ``path`` (enclosing sequence tags) of an instance with ``types`` (:func:`types_for`)."""
+        if (code := self.combined.get(tag)) is not None:
+            return types.action(code, (*path, tag), vr)
         found = self.actions.get(tag)
         if found is None:
             group = tag >> 16
@@ -129,22 +136,26 @@ def plan_for(policy: SitePolicy) -> _Plan:
     columns = {OPTIONS[name][0] for name in policy.options} - {""}
     assert columns <= set(OPTION_COLUMNS)
     actions: dict[int, str] = {}
+    combined: dict[int, str] = {}
     for entry in load_annex_e():
         if entry.repeating:
             continue
-        action = strictest(entry.basic)
+        action = entry.basic
         for column in OPTION_COLUMNS:  # options relax the basic action only where their column says so
             if column in columns and entry.options[column]:
                 action = entry.options[column]
         if entry.tag in NOT_FREE_TEXT and action != "K":
             action = NOT_FREE_TEXT[entry.tag]  # neither cleaned word by word nor given a made-up value
         elif action == "C" and entry.vr in _BYTES_VRS:
-            action = strictest(entry.basic)  # a binary value has no words to keep: the basic action
+            action = entry.basic  # a binary value has no words to keep: the basic action
         if policy.retains_institution and entry.tag in INSTITUTION_IDENTITY:
             action = "K"
         group, element = entry.tag.split(",")
-        actions[int(group, 16) << 16 | int(element, 16)] = action
-    return _Plan(actions, policy, "retain_longitudinal_modified_dates" in policy.options)
+        tag = int(group, 16) << 16 | int(element, 16)
+        if action in COMBINED:
+            combined[tag] = action
+        actions[tag] = strictest(action)
+    return _Plan(actions, policy, "retain_longitudinal_modified_dates" in policy.options, combined)
 
 
 def read_dataset(data: bytes) -> Dataset:
@@ -253,7 +264,7 @@ def deidentify_dataset(ds: Dataset, policy: SitePolicy, keys: DeidKeys,
     plan = plan_for(policy)
     issuer = _text(ds.get(_ISSUER_OF_PATIENT_ID))
     patient_id = _text(ds.get(_PATIENT_ID))
-    walk = _Walk(plan, keys, keys.pseudonym(issuer, patient_id), keys.date_shift(issuer, patient_id))
+    walk = _Walk(plan, keys, keys.pseudonym(issuer, patient_id), keys.date_shift(issuer, patient_id), types_for(ds))
     walk.dataset(ds)
     ds[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", walk.pseudonym)
     ds[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", walk.pseudonym)
@@ -464,11 +475,11 @@ def clean_descriptor(text: str, terms: frozenset[str]) -> str:
 class _Walk:
     """Applies a plan to a dataset and, recursively, to every sequence item in it."""
 
-    def __init__(self, plan: _Plan, keys: DeidKeys, pseudonym: str, shift: timedelta) -> None:
-        self.plan, self.keys, self.pseudonym, self.shift = plan, keys, pseudonym, shift
+    def __init__(self, plan: _Plan, keys: DeidKeys, pseudonym: str, shift: timedelta, types: IodTypes) -> None:
+        self.plan, self.keys, self.pseudonym, self.shift, self.types = plan, keys, pseudonym, shift, types
         self.keep_uids = plan.policy.keep_uid_prefixes
 
-    def dataset(self, ds: Dataset) -> None:
+    def dataset(self, ds: Dataset, path: tuple[int, ...] = ()) -> None:
         for tag in list(ds.keys()):
             tag = int(tag)
             group = tag >> 16
@@ -481,10 +492,10 @@ class _Walk:
                 continue
             raw = ds.get_item(tag)
             vr = raw.VR or _dictionary_vr(tag)
-            action = self.plan.action(tag)
+            action = self.plan.action(tag, path, vr, self.types)
             if action is None:
                 if vr == "SQ":
-                    self._items(ds, tag)
+                    self._items(ds, tag, path)
                 elif vr == "UI":
                     self._remap(ds, tag)
                 elif vr == "PN":
@@ -494,19 +505,19 @@ class _Walk:
                 del ds[tag]
             elif action == "K":
                 if vr == "SQ":
-                    self._items(ds, tag)
+                    self._items(ds, tag, path)
             elif action == "U":
                 self._remap(ds, tag, always=True)
             elif action == "Z":
                 self._empty(ds, tag, vr)
             elif action == "C":
-                self._clean(ds, tag, vr)
+                self._clean(ds, tag, vr, path)
             else:  # D
                 self._dummy(ds, tag, vr)
 
-    def _items(self, ds: Dataset, tag: int) -> None:
+    def _items(self, ds: Dataset, tag: int, path: tuple[int, ...]) -> None:
         for item in ds[tag].value or ():
-            self.dataset(item)
+            self.dataset(item, (*path, tag))
 
     def _remap(self, ds: Dataset, tag: int, always: bool = False) -> None:
         element = ds[tag]
@@ -539,9 +550,9 @@ class _Walk:
         else:
             del ds[tag]
 
-    def _clean(self, ds: Dataset, tag: int, vr: str) -> None:
+    def _clean(self, ds: Dataset, tag: int, vr: str, path: tuple[int, ...]) -> None:
         if vr == "SQ":
-            self._items(ds, tag)
+            self._items(ds, tag, path)
         elif vr == "TM":
             pass  # time of day is kept with modified dates; the shift is whole days
         elif vr in ("DA", "DT") and self.plan.shift_dates:

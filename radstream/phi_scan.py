@@ -35,6 +35,7 @@ from schemas.blobs import BlobStore
 from schemas.events import Record
 from schemas.settings import Settings
 from deid.engine import NotDicom, plan_for, read_dataset
+from deid.iod import types_for
 from schemas.deid.keys import DeidKeys
 from schemas.deid.policy import Policy, SitePolicy
 
@@ -101,10 +102,11 @@ def scan_blob(data: bytes, where: str, canaries: Iterable[str], policy: SitePoli
         return [Finding(where, "-", f"not readable as DICOM: {exc}")]
     needles = _needles(canaries)
     plan = plan_for(policy)
+    types = types_for(ds)  # an X/Z/D attribute the IOD requires is a dummy or empty, not a leak
     keep_uids = ("2.25.", "1.2.840.10008.", *policy.keep_uid_prefixes)
     findings: list[Finding] = []
 
-    def walk(dataset: Dataset, prefix: str) -> None:
+    def walk(dataset: Dataset, prefix: str, path: tuple[int, ...] = ()) -> None:
         for tag in dataset.keys():
             tag = int(tag)
             raw = dataset.get_item(tag)
@@ -113,12 +115,12 @@ def scan_blob(data: bytes, where: str, canaries: Iterable[str], policy: SitePoli
             label = f"{name} {keyword}".strip()
             if tag >> 16 & 1 and not _private_safe(dataset, tag, policy):
                 findings.append(Finding(where, label, "private attribute not on the safe-list"))
-            if plan.action(tag) == "X":
+            if plan.action(tag, path, dataset[tag].VR, types) == "X":
                 findings.append(Finding(where, label, "Annex E says remove (X), but it is present"))
             element = dataset[tag]
             if element.VR == "SQ":
                 for index, item in enumerate(element.value or ()):
-                    walk(item, f"{label}[{index}].")
+                    walk(item, f"{label}[{index}].", (*path, tag))
                 continue
             if tag in _PIXELS:
                 continue
@@ -136,7 +138,7 @@ def scan_blob(data: bytes, where: str, canaries: Iterable[str], policy: SitePoli
     walk(ds, "")
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        walk(meta, "meta:")
+        walk(meta, "meta:", (0x00020000,))
     if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
         findings.append(Finding(where, "(0012,0062) PatientIdentityRemoved", "not YES"))
     return findings

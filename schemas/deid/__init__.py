@@ -15,8 +15,9 @@ unknown action code, a malformed tag or a duplicate fails with the line number.
 
 Action codes (PS3.15 E.1.1): D dummy value of the same VR, Z zero length (or dummy),
 X remove, K keep, C clean (replace with similar, non-identifying values), U replace UID
-consistently; combined codes (Z/D, X/Z, X/D, X/Z/D, X/Z/U*) are resolved by
-:func:`strictest`.
+consistently; combined codes (Z/D, X/Z, X/D, X/Z/D) are resolved by the attribute's Type in
+the instance's IOD (``deid.iod``), by :func:`strictest` when the IOD is unknown; X/Z/U* always
+by :func:`strictest`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class AnnexEEntry:
 
 
 def strictest(action: str) -> str:
-    """One action for a combined code, the strictest that keeps the object valid.
+    """One action for a combined code, without knowing the IOD: the strictest.
 
+    Used where the instance's IOD is unknown (``deid.iod`` resolves Z/D, X/Z, X/D and
+    X/Z/D by the attribute's Type otherwise) and for X/Z/U*.
     X/Z, X/D, X/Z/D and X/Z/U*: X (the standard allows removal; removing also drops
     nested identifiers of X/Z/U* reference sequences). Z/D: D, since Z/D marks Type 1
     attributes that need a value, and a dummy carries no more information than none.
