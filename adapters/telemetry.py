@@ -13,7 +13,7 @@ import logging
 import sys
 
 import structlog
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from schemas.settings import Settings
 
@@ -71,3 +71,14 @@ STAGE_SECONDS = Histogram(
 DEAD_LETTERS = Counter("radstream_dead_letters_total", "Events sent to the dead-letter topic", ["stage", "reason"])
 STUDIES_ASSEMBLED = Counter("radstream_studies_assembled_total", "Study versions assembled", ["reason"])
 SINK_ROWS = Counter("radstream_sink_rows_total", "Rows written to the warehouse", ["table"])
+AI_RESULTS = Counter("radstream_ai_results_total", "AI pre-reads published, by status", ["status"])
+AI_STUDY_SECONDS = Histogram(
+    "radstream_ai_study_seconds", "Time from the AI stage taking a study to its result", ["level"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 6, 8, 10, 15, 30, 60),
+)
+AI_DECODE_SECONDS = Histogram(
+    "radstream_ai_decode_seconds", "Fetch, decode and preprocessing of one study's selected images",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8),
+)
+AI_DEFERRED = Counter("radstream_ai_deferred_total", "Routine studies deferred to inference.retry (queue full)")
+AI_WAITING = Gauge("radstream_ai_admission_waiting", "Studies waiting for an AI lane, by level", ["level"])

@@ -140,6 +140,30 @@ def demo_paths() -> list[Path]:
     return paths
 
 
+def demo_painted(folder: Path) -> list[Path]:
+    """pydicom-data's head CT with the demo model's synthetic finding painted in, as a study
+    of its own (same UIDs every run): the demo shows AI moving it to the top."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    from engines.demo.synthetic import paint_finding
+
+    source = get_testdata_file("693_UNCR.dcm", download=False)
+    if not source:
+        return []
+    path = folder / "painted-head-ct.dcm"
+    if not path.exists():
+        ds = paint_finding(dcmread(source), "hemorrhage", 101)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+            generate_uid(entropy_srcs=["radstream demo painted head CT", part]) for part in ("study", "series", "sop"))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.AccessionNumber, ds.StudyDescription = "DEMO-AI-1", "CT HEAD (demo: synthetic finding painted in)"
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+    return [path]
+
+
 def run_demo(settings: Settings) -> None:
     """``up --demo``: send the sample studies, wait for them on the worklist, print it."""
     from pydicom import dcmread
@@ -148,7 +172,7 @@ def run_demo(settings: Settings) -> None:
     from radstream.supervisor import connect_host
     from adapters import warehouse
 
-    paths = demo_paths()
+    paths = [*demo_paths(), *demo_painted(settings.data_dir.resolve() / "demo")]
     studies = set()
     for path, _named in iter_files(paths):
         try:
@@ -162,12 +186,12 @@ def run_demo(settings: Settings) -> None:
                   highlight=False)
     for failure in report.failed:
         console.print(f"  failed {failure}", highlight=False)
-    # Studies complete after the quiet period; then routing and the warehouse sink.
+    # Studies complete after the quiet period; then routing, AI and the warehouse sink.
     deadline = time.monotonic() + settings.assembly.quiet_period_s + 60
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         rows = list(warehouse.current_worklist(settings, 1000))
-        if studies <= {row.get("study_uid") for row in rows}:
+        if studies <= {row.get("study_uid") for row in rows} and all(r.get("ai_status") != "PENDING" for r in rows):
             break
         time.sleep(1)
     console.print(worklist_table(sort_worklist(rows)))
@@ -251,7 +275,8 @@ WORKLIST_COLUMNS = (
     ("modality", "mod"), ("body_part", "body part"), ("study_description", "description"),
     ("reason_for_exam", "indication"),
     ("subspecialty", "subspecialty"), ("source_site", "site"), ("instance_count", "inst"),
-    ("status", "status"), ("study_uid", "study"), ("reasons", "reasons"),
+    ("status", "status"), ("ai_status", "AI"), ("ai_findings", "AI findings"), ("study_uid", "study"),
+    ("reasons", "reasons"),
 )
 
 
@@ -540,6 +565,10 @@ def phi_scan(ctx: click.Context, canary_file: Path, topic_names: Sequence[str], 
 
 
 # ---------------------------------------------------------------- entry point
+
+from radstream import models_cli  # noqa: E402  (its command joins the group above)
+
+models_cli.register(cli, config_option, _settings, to_json)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

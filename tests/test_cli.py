@@ -232,3 +232,36 @@ def test_worklist_json_of_an_empty_warehouse_is_an_empty_list(warehouse: Setting
     done = radstream("worklist", "--json", env=_env(warehouse))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
+
+
+def test_models_lists_cards_and_backends_and_a_second_run_reuses_the_tensorrt_plans(tmp_path: Path) -> None:
+    """CI builds TensorRT(-RTX) plans of the shipped models on a CPU-only machine and caches
+    them; the second start finds them by key (model hash + TensorRT version + target)."""
+    env = {**os.environ, "RADSTREAM_DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "radstream", "models", "--build-plans", "--json"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert {m["name"] for m in report["models"]} >= {"radstream-demo-ich-ct", "radstream-demo-ptx-cr"}
+    assert all(m["not_for_clinical_use"] for m in report["models"])
+    assert report["backends"]["onnxruntime-cpu"] == "available"
+    assert {p["built"] for p in report["plans"]} == {True} and all(p["bytes"] > 100_000 for p in report["plans"])
+    mtimes = {p["path"]: Path(p["path"]).stat().st_mtime_ns for p in report["plans"]}
+    assert all(Path(path).parent == tmp_path / "data" / "trt-plans" for path in mtimes)
+    second = json.loads(subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                                       check=True).stdout)
+    assert {p["built"] for p in second["plans"]} == {False}
+    assert {p["path"]: Path(p["path"]).stat().st_mtime_ns for p in second["plans"]} == mtimes
+
+
+def test_models_names_the_card_and_key_of_a_broken_card(tmp_path: Path) -> None:
+    from engines.card import default_models_dir
+
+    models = tmp_path / "models"
+    shutil.copytree(default_models_dir() / "ich_ct_demo", models / "ich")
+    card = models / "ich" / "card.yaml"
+    card.write_text(card.read_text().replace("  threshold: 0.5", "  threshold: 1.5", 1))
+    env = {**os.environ, "RADSTREAM_AI_MODELS_DIR": str(models)}
+    result = subprocess.run([sys.executable, "-m", "radstream", "models"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and str(card) in result.stderr and "labels[0].threshold" in result.stderr
