@@ -103,6 +103,8 @@ class DeidentifiedInstance:
     study_description: str | None = None
     patient_age: str | None = None
     patient_sex: str | None = None
+    study_date: str | None = None  # shifted (DA), as written; priors compare intervals of these
+    study_time: str | None = None
     #: how far this patient's dates moved (whole days, negative); times the stage puts on
     #: de-identified events move with them, so they do not reveal the shift
     date_shift: timedelta = timedelta(0)
@@ -301,7 +303,7 @@ def deidentify_dataset(ds: Dataset, policy: SitePolicy, keys: DeidKeys,
         modality=_text(ds.get("Modality")), body_part_examined=_text(ds.get("BodyPartExamined")),
         series_description=_text(ds.get("SeriesDescription")), study_description=_text(ds.get("StudyDescription")),
         patient_age=_text(ds.get("PatientAge")), patient_sex=_text(ds.get("PatientSex")),
-        date_shift=walk.shift,
+        study_date=_text(ds.get("StudyDate")), study_time=_text(ds.get("StudyTime")), date_shift=walk.shift,
     )
 
 

@@ -2,7 +2,7 @@
 each child is known to be ready.
 
 Object store (SeaweedFS) → broker (Tansu on ``s3://``) → warehouse (chDB endpoint) →
-stream worker → gateways (last: they listen only once they can publish). Each entry is
+stream worker → AI worker → gateways (last: they listen only once they can publish). Each entry is
 a :class:`~radstream.supervisor.ChildSpec` for the general supervisor; an external
 server configured in the settings (``kafka.bootstrap``, ``warehouse.url``, an S3
 endpoint) becomes a readiness check without a process.
@@ -130,6 +130,22 @@ def worker_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def inference_spec(settings: Settings) -> ChildSpec:
+    """The AI pre-read worker (its own consumer group); ready once it owns its partitions."""
+    ready_file = settings.data_dir.resolve() / "run" / "inference.ready"
+    host, ai = settings.bind_host, settings.ai
+    return ChildSpec(
+        name="inference",
+        argv=procs.python_module("streams", "inference"),
+        ready=file_ready(ready_file),
+        reset=_unlink(ready_file),
+        ports=[PortClaim(settings.metrics.inference_port, "RADSTREAM_METRICS_INFERENCE_PORT",
+                         "the AI worker's metrics", host)],
+        summary=f"AI pre-read, backend {ai.backend}, budget {ai.latency_budget_s:g}s, "
+                f"batches of {ai.max_batch_images} images / {ai.max_batch_delay_ms:g} ms",
+    )
+
+
 def gateway_specs(settings: Settings) -> list[ChildSpec]:
     """The gateways, each ready once it listens: the DICOM C-STORE/C-ECHO SCP (PS3.4 Annex B),
     the HL7 v2 MLLP listener for orders and ADT updates (HL7 v2.5 Appendix C) and the
@@ -206,7 +222,8 @@ def default_specs(settings: Settings) -> list[ChildSpec]:
     store = objectstore_spec(settings)
     return [
         *([store] if store else []),
-        broker_spec(settings), warehouse_spec(settings), worker_spec(settings), *gateway_specs(settings),
+        broker_spec(settings), warehouse_spec(settings), worker_spec(settings),
+        *([inference_spec(settings)] if settings.ai.enabled else []), *gateway_specs(settings),
     ]
 
 

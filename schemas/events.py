@@ -51,10 +51,12 @@ class CompletionReason(str, enum.Enum):
 
 
 class InferenceStatus(str, enum.Enum):
+    """How an AI pre-read ended; the worklist shows it as ``ai_status`` (PENDING until one comes)."""
+
     OK = "OK"
-    TIMEOUT = "TIMEOUT"
-    ERROR = "ERROR"
-    SKIPPED = "SKIPPED"
+    TIMEOUT = "TIMEOUT"  # past the study's latency budget, or deferred because the queue was full
+    ERROR = "ERROR"  # engine failure, open circuit breaker, undecodable pixel data
+    NOT_APPLICABLE = "NOT_APPLICABLE"  # no model card applies to the study
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,57 +279,156 @@ class StudyDeidentified(Record):
     study_description: str | None = None
     patient_age: str | None = None
     patient_sex: str | None = None
+    study_date: str | None = None  # StudyDate (DA) shifted like every date of the patient; None when removed
+    study_time: str | None = None  # StudyTime (TM), kept with shifted dates
 
 
 # ---------------------------------------------------------------- AI and priors
 
 
 @dataclass(frozen=True, kw_only=True)
-class Finding(Record):
-    code: str
-    code_scheme: str
+class CodedConcept(Record):
+    """A finding's code as results carry it (SNOMED CT ``SCT``, RadLex ``RADLEX``)."""
+
+    scheme: str
+    value: str
     meaning: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finding(Record):
+    """One label of one model at or above its operating threshold."""
+
+    label: str
+    model: str
+    model_version: str
     confidence: float
+    threshold: float
     critical: bool
+    silent: bool  # silent mode or the canary's silent share: recorded, never used for routing
+    codes: list[CodedConcept]
     location: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
+class LabelScore(Record):
+    label: str
+    score: float
+    threshold: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRun(Record):
+    """What one model card did with the study: its identity, backend, scores and outcome."""
+
+    model: str
+    model_version: str
+    model_sha256: str
+    backend: str
+    status: InferenceStatus
+    silent: bool
+    images: int
+    scores: list[LabelScore]
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class InferenceResult(Record):
+    """The AI pre-read of one de-identified study version: every applicable model's run.
+
+    Published in the de-identified zone (keyed by the de-identified study UID); the
+    identified zone re-keys it to the original study through the de-identification link.
+    """
+
     SCHEMA: ClassVar[str] = "inference_result"
     trace_id: str
     study_uid: str
     version: int
-    model_id: str
-    model_version: str
-    engine: str
     status: InferenceStatus
-    silent: bool
     findings: list[Finding]
-    latency_ms: float
-    inferred_at: datetime
+    models: list[ModelRun]
+    level: int  # admission priority level it ran at (1 = highest)
+    images: int
+    queued_ms: float
+    decode_ms: float
+    infer_ms: float
+    latency_ms: float  # taken by the stage -> result
+    inferred_at: datetime  # the study's shifted clock (deidentified_at + elapsed), never the real time
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdmissionHint(Record):
+    """De-identified zone: a study's admission level for the AI queue, from its clinical
+    context (a STAT order, an emergency location) that only the identified zone knows."""
+
+    SCHEMA: ClassVar[str] = "admission_hint"
+    study_uid: str  # the de-identified study UID
+    level: int  # 1 = highest
+    reason: str  # no time here: a real time next to a study's shifted dates would give the shift away
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultByPatient(Record):
+    """De-identified zone, internal to prior comparison: an AI result with its study's patient
+    pseudonym, so it can be keyed by patient (the result itself is keyed by study)."""
+
+    SCHEMA: ClassVar[str] = "result_by_patient"
+    trace_id: str
+    study_uid: str
+    version: int
+    patient_pseudonym: str
+    status: InferenceStatus
+    findings: list[Finding]
+    models: list[ModelRun]
+    inferred_at: datetime  # the study's shifted clock
+    reason: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class PriorStudy(Record):
-    study_uid: str
+    """One earlier study of the patient as a candidate prior: relevant (and the rule that
+    made it so) or not (and why)."""
+
+    study_uid: str  # de-identified
+    version: int
     modalities: list[str]
-    finding_codes: list[str]
-    study_date: str | None = None
+    body_regions: list[str]  # "Head", "Spine (Cervical spine)"
+    relevant: bool
+    rule: str  # rule id: same-region, adjacent-region, same-modality, other-region, look-back, last-n, ...
+    reason: str  # the rule in words: "same body region Head (BodyPartExamined HEAD)"
+    days_before: int  # interval to the current study: intact under the per-patient date shift
+    ai_status: str  # PENDING until the prior's AI result arrives
+    findings: list[str]  # the prior's active findings (labels)
+    study_date: str | None = None  # shifted StudyDate (DA) when known
 
 
 @dataclass(frozen=True, kw_only=True)
 class PriorComparison(Record):
+    """De-identified zone: a study version compared with the same patient's earlier studies.
+
+    Published again (``revision`` + 1) whenever it changes: the study's or a prior's AI
+    result arrives, or a prior arrives after the study.
+    """
+
     SCHEMA: ClassVar[str] = "prior_comparison"
     trace_id: str
     study_uid: str
     version: int
     patient_pseudonym: str
-    priors: list[PriorStudy]
+    revision: int
+    body_regions: list[str]
+    priors: list[PriorStudy]  # every candidate, relevant first, most recent first
+    relevant_priors: int
     new_findings: list[str]
-    changed_findings: list[str]
+    resolved_findings: list[str]
+    persistent_findings: list[str]
+    changed_findings: list[str]  # "ich 0.42 -> 0.91 (+0.49)"
+    follow_up: list[str]
     follow_up_due: bool
-    compared_at: datetime
+    summary: str
+    compared_at: datetime  # the patient's shifted clock, never the real time
+    compared_with: str | None = None  # the relevant prior whose AI findings were compared
 
 
 # ---------------------------------------------------------------- routing and results
@@ -378,6 +479,13 @@ class WorklistUpdate(Record):
     study_description: str | None = None
     institution_name: str | None = None
     reason_for_exam: str | None = None  # from the joined HL7 order (OBR-31)
+    ai_status: str = "NONE"  # NONE (AI off), PENDING, or the result's InferenceStatus
+    ai_findings: list[str] = field(default_factory=list)  # "label 0.93 (model version)", routing-effective first
+    ai_reason: str | None = None  # why AI gave no result (TIMEOUT / ERROR / NOT_APPLICABLE)
+    relevant_priors: int = 0  # the patient's earlier studies the relevance rules selected
+    prior_summary: str | None = None  # the comparison with the most recent relevant prior
+    prior_follow_up: list[str] = field(default_factory=list)
+    priors: list[str] = field(default_factory=list)  # every candidate prior: the rule that made it relevant, or why not
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -452,7 +560,9 @@ EVENT_TYPES: dict[str, type[Record]] = {
         StudyAssembled,
         StudyDeidentified,
         InferenceResult,
+        AdmissionHint,
         PriorComparison,
+        ResultByPatient,
         RoutingDecision,
         WorklistUpdate,
         Alert,

@@ -15,6 +15,7 @@ of one runtime sees the same configuration.
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import re
 import tomllib
@@ -283,6 +284,7 @@ class MetricsSettings(_Group):
     hl7_gateway_port: int = Field(9466, ge=0, le=65535)
     stow_gateway_port: int = Field(9467, ge=0, le=65535)
     worker_port: int = Field(9465, ge=0, le=65535)
+    inference_port: int = Field(9468, ge=0, le=65535)
 
 
 class DeidSettings(_Group):
@@ -291,6 +293,60 @@ class DeidSettings(_Group):
     key: SecretStr | None = Field(None, description="hex secret (>= 32 bytes); unset: read key_file")
     key_file: Path | None = Field(None, description="secret key file; default DATA_DIR/secrets/deid.key, created 0600")
     policy_file: Path | None = Field(None, description="TOML per-site policy; default: the packaged policy")
+
+
+class PriorsSettings(_Group):
+    """Prior comparison (de-identified zone): which of a patient's earlier studies are compared."""
+
+    look_back_days: int = Field(3650, ge=1, description="priors older than this (shifted dates) are not compared")
+    max_priors: int = Field(3, ge=1, description="the last N relevant priors within the window are compared")
+    score_change_min: float = Field(0.1, gt=0, le=1, description="a model score moving this much is a score change")
+    regions_file: Path | None = Field(None, description="extra body-region rows (schemas/priors/body_regions.csv columns)")
+    adjacency_file: Path | None = Field(None, description="extra adjacent-region rows (region_adjacency.csv columns)")
+
+
+class RolloutRule(_Group):
+    """How one model runs at one site: ``active`` (findings route), ``silent`` (recorded and
+    analysed, never used for routing) or ``off``; ``fraction`` < 1 is a canary: that share of
+    studies (chosen by study, stable across versions) runs active, the rest silent."""
+
+    model: str = Field("*", description="model card name, or * for every model")
+    site: str = Field("*", description="source site name (or its de-identified pseudonym), or * for every site")
+    mode: Literal["active", "silent", "off"] = "active"
+    fraction: float = Field(1.0, ge=0, le=1, description="canary: share of studies run active")
+
+
+class AiSettings(_Group):
+    """The AI pre-read stage (``python -m streams inference``): engines, batching, admission, safety."""
+
+    enabled: bool = Field(True, description="run the AI stage; off: worklist rows carry ai_status NONE")
+    models_dir: Path | None = Field(None, description="directory of model cards (*/card.yaml); default: the shipped demo models")
+    backend: Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"] = Field(
+        "auto", description="inference backend; auto: the first that works here (TensorRT, ORT CUDA, ORT CPU)")
+    plan_cache_dir: Path | None = Field(None, description="TensorRT plan cache; default DATA_DIR/trt-plans")
+    engine_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0: its default")
+    latency_budget_s: float = Field(10.0, gt=0, description="a study not pre-read this long after the stage took it is TIMEOUT")
+    max_batch_images: int = Field(32, ge=1, description="a batch closes at this many images ...")
+    max_batch_delay_ms: float = Field(10.0, ge=0, description="... or this long after its first image")
+    queue_studies: int = Field(64, ge=1, description="studies admitted at once; routine ones beyond are deferred")
+    max_routine_wait_s: float = Field(5.0, gt=0, description="a routine study queued this long is promoted (no starvation)")
+    retry_delay_s: float = Field(2.0, ge=0, description="a deferred study is read again from inference.retry after this long")
+    decode_workers: int = Field(0, ge=0, description="processes decoding pixel data; 0: one per CPU")
+    breaker_failures: int = Field(3, ge=1, description="consecutive engine failures that open a model's circuit")
+    breaker_reset_s: float = Field(30.0, gt=0, description="an open circuit is tried again after this long")
+    emergency_locations: str = Field(
+        r"^(ED|ER|EC|EMERG|EMERGENCY|TRAUMA)\b",
+        description="regex (case-insensitive) over the order's patient location (PV1-3) that marks an emergency")
+    rollout: list[RolloutRule] = Field(default_factory=list, description="[[ai.rollout]] rules; the last match wins")
+
+    @field_validator("emergency_locations")
+    @classmethod
+    def _valid_regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
 
 
 class RuntimeSettings(_Group):
@@ -314,6 +370,8 @@ _GROUPS: dict[str, type[_Group]] = {
     "metrics": MetricsSettings,
     "runtime": RuntimeSettings,
     "deid": DeidSettings,
+    "ai": AiSettings,
+    "priors": PriorsSettings,
 }
 
 
@@ -368,6 +426,8 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     deid: DeidSettings = DeidSettings()
+    ai: AiSettings = AiSettings()
+    priors: PriorsSettings = PriorsSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -423,6 +483,8 @@ class Settings(BaseSettings):
                         raw = getattr(getattr(self, name), key)
                         if isinstance(raw, SecretStr):
                             sub = raw.get_secret_value()
+                        elif isinstance(sub, (list, dict)):
+                            sub = json.dumps(sub)  # pydantic-settings parses complex values as JSON
                         env[f"{ENV_PREFIX}{name.upper()}_{key.upper()}"] = str(sub)
             elif value is not None:
                 env[f"{ENV_PREFIX}{name.upper()}"] = str(value)

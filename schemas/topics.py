@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.events import (
+    AdmissionHint,
     Alert,
     AssemblyTimer,
     AuditEvent,
@@ -22,6 +23,7 @@ from schemas.events import (
     PatientUpdated,
     PriorComparison,
     Record,
+    ResultByPatient,
     RoutingDecision,
     StudyAssembled,
     StudyDeidentified,
@@ -49,8 +51,18 @@ ORDER_RECEIVED = TopicSpec("order.received", OrderReceived, "accession_number")
 PATIENT_UPDATED = TopicSpec("patient.updated", PatientUpdated, "patient_id")
 STUDY_ASSEMBLED = TopicSpec("study.assembled", StudyAssembled, "study_uid")
 STUDY_DEIDENTIFIED = TopicSpec("study.deidentified", StudyDeidentified, "study_uid")
+#: de-identified zone: one AI pre-read per de-identified study version
 INFERENCE_RESULT = TopicSpec("inference.result", InferenceResult, "study_uid")
+#: de-identified zone: admission levels for the AI queue (STAT order, emergency location), from routing
+INFERENCE_PRIORITY = TopicSpec("inference.priority", AdmissionHint, "study_uid", retention_ms=86_400_000)
+#: de-identified zone: studies the AI queue deferred when it was full of routine work; read again later
+INFERENCE_RETRY = TopicSpec("inference.retry", StudyDeidentified, "study_uid")
+#: de-identified zone: a study version compared with the patient's earlier studies, keyed by de-identified study UID
 PRIOR_COMPARISON = TopicSpec("prior.comparison", PriorComparison, "study_uid")
+#: de-identified zone, internal: de-identified studies re-keyed by patient pseudonym for prior comparison
+PRIORS_STUDY_BY_PATIENT = TopicSpec("priors.study-by-patient", StudyDeidentified, "patient_pseudonym")
+#: de-identified zone, internal: AI results with their patient pseudonym, co-partitioned with the studies above
+PRIORS_RESULT_BY_PATIENT = TopicSpec("priors.result-by-patient", ResultByPatient, "patient_pseudonym")
 ROUTING_DECISION = TopicSpec("routing.decision", RoutingDecision, "study_uid")
 WORKLIST_UPDATE = TopicSpec("worklist.update", WorklistUpdate, "study_uid", compacted=True)
 ALERT = TopicSpec("alert", Alert, "study_uid")
@@ -64,10 +76,17 @@ STUDY_BY_ACCESSION = TopicSpec("orders.study-by-accession", StudyAssembled, "acc
 STUDY_ORDER = TopicSpec("study.order", OrderReceived, "study_uid")
 #: identified zone: original study UID <-> de-identified study UID, read by the worklist sink only
 STUDY_LINK = TopicSpec("study.link", StudyLink, "study_uid")
+#: identified zone: the same links keyed by the de-identified study UID, co-partitioned with inference.result
+STUDY_LINK_BY_DEID = TopicSpec("study.link.by-deid", StudyLink, "deid_study_uid")
+#: identified zone: AI results re-keyed to the original study (through the link), read by routing
+STUDY_AI = TopicSpec("study.ai", InferenceResult, "study_uid")
+#: identified zone: prior comparisons re-keyed to the original study (through the link), read by routing
+STUDY_PRIORS = TopicSpec("study.priors", PriorComparison, "study_uid")
 #: identified zone: instances held back by de-identification (possible burned-in PHI), with the reason
 DEID_QUARANTINE = TopicSpec("deid.quarantine", DeadLetter, "key")
 #: the de-identified zone: every event here must be free of PHI (``radstream phi-scan`` checks)
-DEIDENTIFIED_TOPICS: tuple[TopicSpec, ...] = (STUDY_DEIDENTIFIED,)
+DEIDENTIFIED_TOPICS: tuple[TopicSpec, ...] = (STUDY_DEIDENTIFIED, INFERENCE_RESULT, INFERENCE_PRIORITY, INFERENCE_RETRY,
+                                              PRIOR_COMPARISON, PRIORS_STUDY_BY_PATIENT, PRIORS_RESULT_BY_PATIENT)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     INSTANCE_RECEIVED,
@@ -76,6 +95,8 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     STUDY_ASSEMBLED,
     STUDY_DEIDENTIFIED,
     INFERENCE_RESULT,
+    INFERENCE_PRIORITY,
+    INFERENCE_RETRY,
     PRIOR_COMPARISON,
     ROUTING_DECISION,
     WORKLIST_UPDATE,
@@ -86,7 +107,12 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     STUDY_BY_ACCESSION,
     STUDY_ORDER,
     STUDY_LINK,
+    STUDY_LINK_BY_DEID,
+    STUDY_AI,
+    STUDY_PRIORS,
     DEID_QUARANTINE,
+    PRIORS_STUDY_BY_PATIENT,
+    PRIORS_RESULT_BY_PATIENT,
 )
 
 

@@ -13,19 +13,23 @@ import faust
 
 from schemas.codec import Codec
 from schemas.settings import Settings
-from streams import assemble, deidentify, offsets_compat, orders, route, sink
+from streams import assemble, deidentify, offsets_compat, orders, preread, priors, relink, route, sink
 from streams.context import StreamContext
 
-#: stages in pipeline order; de-identification, inference and priors slot in between.
+#: the stream worker's stages in pipeline order.
 #: Of the stages reading one topic, the first here dead-letters its bad messages.
-STAGES = (assemble, deidentify, orders, route, sink)
+STAGES = (assemble, deidentify, orders, relink, priors, route, sink)
+#: the AI worker's (``python -m streams inference``): its own process and consumer group,
+#: so that GPU workers scale apart from stream workers
+INFERENCE_STAGES = (preread,)
 
 
-def create_app(settings: Settings) -> tuple[faust.App, StreamContext]:
-    data_dir = Path(settings.data_dir).resolve() / "faust"
+def create_app(settings: Settings, stages=STAGES, role: str = "streams") -> tuple[faust.App, StreamContext]:
+    """The Faust app of one worker role: ``streams`` or ``inference`` (its consumer group is the app id)."""
+    data_dir = Path(settings.data_dir).resolve() / ("faust" if role == "streams" else f"faust-{role}")
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        f"{settings.kafka.topic_prefix}-streams",
+        f"{settings.kafka.topic_prefix}-{role}",
         broker=f"kafka://{settings.kafka_bootstrap}",
         broker_client_id=settings.kafka.client_id,
         broker_session_timeout=settings.kafka.session_timeout_s,
@@ -35,7 +39,7 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamContext]:
         table_standby_replicas=0,
         store="memory://",
         datadir=str(data_dir),
-        web_enabled=settings.worker.web_port != 0,
+        web_enabled=role == "streams" and settings.worker.web_port != 0,
         web_port=settings.worker.web_port or 6066,
         web_bind=settings.bind_host,
         web_host=settings.bind_host,
@@ -45,6 +49,6 @@ def create_app(settings: Settings) -> tuple[faust.App, StreamContext]:
     if settings.kafka.verify_end_offsets:
         offsets_compat.install(settings.kafka_bootstrap)
     ctx = StreamContext(app=app, settings=settings, codec=Codec(settings.kafka.schema_registry_url))
-    for stage in STAGES:
+    for stage in stages:
         stage.register(ctx)
     return app, ctx

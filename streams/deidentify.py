@@ -43,7 +43,7 @@ from schemas.events import (
     trace_id_for,
     utcnow,
 )
-from schemas.topics import DEID_QUARANTINE, STUDY_ASSEMBLED, STUDY_DEIDENTIFIED, STUDY_LINK
+from schemas.topics import DEID_QUARANTINE, STUDY_ASSEMBLED, STUDY_DEIDENTIFIED, STUDY_LINK, STUDY_LINK_BY_DEID
 from streams.runner import Output, Stage, run_stage
 
 STAGE = "deidentify"
@@ -78,7 +78,9 @@ class DeidOutcome:
         held: list[Output] = [(DEID_QUARANTINE, letter) for letter in self.quarantined]
         if self.deidentified is None:
             return held
-        return [*held, (STUDY_LINK, self.link), (STUDY_DEIDENTIFIED, self.deidentified)]
+        # the link keyed both ways: by the original study for the worklist, by the
+        # de-identified one for AI results to find their study (streams.relink)
+        return [*held, (STUDY_LINK, self.link), (STUDY_LINK_BY_DEID, self.link), (STUDY_DEIDENTIFIED, self.deidentified)]
 
 
 def run(study: StudyAssembled, blobs: InstanceBlobs, policy: Policy, keys: DeidKeys, now: datetime,
@@ -133,6 +135,7 @@ def run(study: StudyAssembled, blobs: InstanceBlobs, policy: Policy, keys: DeidK
         # shifted study date would give the shift away
         profile_options=[code for code, _ in site.codes], deidentified_at=now + first.date_shift,
         study_description=first.study_description, patient_age=first.patient_age, patient_sex=first.patient_sex,
+        study_date=first.study_date, study_time=first.study_time,
     )
     link = StudyLink(
         trace_id=study.trace_id, study_uid=study.study_uid, version=study.version, deid_study_uid=first.study_uid,

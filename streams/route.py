@@ -1,5 +1,7 @@
 """Routing v1: priority and subspecialty of a study from its DICOM metadata, by rules.
 
+About 430 lines: the rule file, then how the order, the AI result and the prior comparison each shape one row.
+
 Rules live in a TOML file (``routing.rules_file``; the packaged
 ``streams/rules/default.toml`` otherwise), validated when loaded: an unknown key, an
 unknown priority or a bad regular expression fails at start with the rule's id, never
@@ -13,8 +15,20 @@ context: a STAT order makes it at least URGENT and its reason for exam goes on t
 worklist. Routing keeps, per study, the latest version and the joined order
 (:class:`RouteState`), so an order that arrives after its study was routed re-routes it:
 the same version's worklist row is replaced by one with a later ``routed_at``
-(:func:`study_arrives`, :func:`order_arrives` decide what is routed when). AI findings
-and the reader roster join this stage in later issues.
+(:func:`study_arrives`, :func:`order_arrives` decide what is routed when). The prior
+comparison (:mod:`streams.priors`, re-identified by :mod:`streams.relink`) does the same
+(:func:`priors_arrive`): the row shows the relevant priors, the comparison summary,
+follow-up flags, and every candidate prior with its rule or the reason it is not relevant.
+
+AI never holds a study back: a study is routed at once with ``ai_status`` PENDING, and
+its AI result (``study.ai``, re-identified by :mod:`streams.relink`) routes the same
+version again (:func:`ai_arrives`): a critical finding of an active model makes it
+CRITICAL with the finding as the reason (:func:`apply_ai`); a TIMEOUT / ERROR /
+NOT_APPLICABLE result is shown with its reason and changes nothing else; silent models
+never reach the worklist. Routing also tells the AI stage which studies are urgent (a
+STAT order or an emergency location): an :class:`AdmissionHint` on
+``inference.priority``, naming the study by its de-identified UID only. The reader
+roster joins this stage in a later issue.
 """
 
 from __future__ import annotations
@@ -27,8 +41,28 @@ from pathlib import Path
 from typing import Any
 
 from adapters.telemetry import get_logger
-from schemas.events import OrderReceived, Priority, RoutingDecision, RuleHit, StudyAssembled, WorklistUpdate, utcnow
-from schemas.topics import ROUTING_DECISION, STUDY_ASSEMBLED, STUDY_ORDER, WORKLIST_UPDATE
+from schemas.events import (
+    AdmissionHint,
+    InferenceResult,
+    InferenceStatus,
+    OrderReceived,
+    PriorComparison,
+    Priority,
+    RoutingDecision,
+    RuleHit,
+    StudyAssembled,
+    WorklistUpdate,
+    utcnow,
+)
+from schemas.topics import (
+    INFERENCE_PRIORITY,
+    ROUTING_DECISION,
+    STUDY_AI,
+    STUDY_ASSEMBLED,
+    STUDY_ORDER,
+    STUDY_PRIORS,
+    WORKLIST_UPDATE,
+)
 from streams.runner import Output, Stage, Unexpected, run_stage
 from streams.state import TableState, TypedTable
 
@@ -183,9 +217,53 @@ def apply_order(order: OrderReceived | None, priority: Priority, reasons: list[R
     return priority, True
 
 
-def route(study: StudyAssembled, rules: RuleSet, now,
-          order: OrderReceived | None = None) -> tuple[RoutingDecision, WorklistUpdate]:
-    """Decide priority and subspecialty of one study version, with its joined order if any; pure."""
+def apply_ai(result: InferenceResult | None, priority: Priority, reasons: list[RuleHit]) -> tuple[Priority, list[str]]:
+    """An AI result's effect: a critical finding of an active model makes the study
+    CRITICAL; other active findings are listed. Silent findings have none. Returns the
+    priority and the findings as the worklist shows them."""
+    if result is None or result.status is not InferenceStatus.OK:
+        return priority, []
+    shown = []
+    for finding in result.findings:
+        if finding.silent:
+            continue
+        text = f"{finding.label} {finding.confidence:.2f} ({finding.model} {finding.model_version})"
+        shown.append(text)
+        if finding.critical:
+            reasons.append(RuleHit(rule_id="ai-critical", description=f"AI critical finding: {text}",
+                                   effect=f"priority={Priority.CRITICAL.value}"))
+            priority = Priority.CRITICAL
+        else:
+            reasons.append(RuleHit(rule_id="ai-finding", description=f"AI finding: {text}", effect="listed"))
+    return priority, shown
+
+
+def ai_status(result: InferenceResult | None, ai_enabled: bool) -> tuple[str, str | None]:
+    if not ai_enabled:
+        return "NONE", None
+    if result is None:
+        return "PENDING", None
+    return result.status.value, result.reason
+
+
+def prior_lines(comparison: PriorComparison | None) -> list[str]:
+    """Every candidate prior as the worklist shows it: interval, modalities, and the rule
+    that made it relevant or the reason it is not (intervals only: its dates are shifted)."""
+    if comparison is None:
+        return []
+    return [f"{p.days_before} days before, {'/'.join(p.modalities) or '?'}: "
+            f"{'relevant' if p.relevant else 'not relevant'} ({p.rule}): {p.reason}" for p in comparison.priors]
+
+
+def route(study: StudyAssembled, rules: RuleSet, now, order: OrderReceived | None = None,
+          ai: InferenceResult | None = None, ai_enabled: bool = False,
+          priors: PriorComparison | None = None) -> tuple[RoutingDecision, WorklistUpdate]:
+    """Decide priority and subspecialty of one study version, with its joined order, its
+    AI result and its prior comparison if any; pure. Another version's are not this one's."""
+    if ai is not None and ai.version != study.version:
+        ai = None
+    if priors is not None and priors.version != study.version:
+        priors = None
     reasons: list[RuleHit] = []
     subspecialty = rules.default_subspecialty
     for rule in rules.subspecialty_rules:
@@ -200,6 +278,8 @@ def route(study: StudyAssembled, rules: RuleSet, now,
             if rule.priority.rank < priority.rank:
                 priority = rule.priority
     priority, ordered = apply_order(order, priority, reasons)
+    priority, findings = apply_ai(ai, priority, reasons)
+    status, why_no_ai = ai_status(ai, ai_enabled)
     if not reasons:
         reasons.append(RuleHit(rule_id="defaults", description="no rule matched", effect=f"priority={priority.value}"))
     decision = RoutingDecision(
@@ -217,8 +297,25 @@ def route(study: StudyAssembled, rules: RuleSet, now,
         reasons=[f"{hit.rule_id}: {hit.effect}" for hit in reasons],
         received_at=study.first_received_at, assembled_at=study.assembled_at, routed_at=now,
         reason_for_exam=order.reason_for_exam if ordered else None,
+        ai_status=status, ai_findings=findings, ai_reason=why_no_ai,
+        relevant_priors=priors.relevant_priors if priors else 0, prior_summary=priors.summary if priors else None,
+        prior_follow_up=list(priors.follow_up) if priors else [], priors=prior_lines(priors),
     )
     return decision, worklist
+
+
+def admission_hint(order: OrderReceived | None, deid_study_uid: str,
+                   emergency: re.Pattern[str]) -> AdmissionHint | None:
+    """Level 1 in the AI queue for a study with a STAT order or an emergency location (PV1-3)."""
+    if order is None or (order.order_control or "").upper() in ORDER_CANCELLED:
+        return None
+    if (order.priority or "").upper() == "S":
+        reason = "STAT order"
+    elif order.patient_location and emergency.search(order.patient_location):
+        reason = "emergency location"
+    else:
+        return None
+    return AdmissionHint(study_uid=deid_study_uid, level=1, reason=reason)
 
 
 # ---------------------------------------------------------------- what is routed when
@@ -232,6 +329,8 @@ class RouteState(TableState):
     study_uid: str
     study: StudyAssembled | None = None
     order: OrderReceived | None = None
+    ai: InferenceResult | None = None  # the latest AI result of the latest version
+    priors: PriorComparison | None = None  # the latest prior comparison of the latest version
 
 
 def study_arrives(state: RouteState | None, study: StudyAssembled) -> tuple[RouteState, StudyAssembled]:
@@ -243,10 +342,42 @@ def study_arrives(state: RouteState | None, study: StudyAssembled) -> tuple[Rout
     return state, study
 
 
+def _standing(result: InferenceResult) -> tuple:
+    """Which of two results of a study stands: the later version; within one, a finished
+    pre-read over a TIMEOUT (a deferred study's real result follows its TIMEOUT); then the later."""
+    return result.version, result.status is not InferenceStatus.TIMEOUT, result.inferred_at
+
+
+def ai_arrives(state: RouteState | None, result: InferenceResult) -> tuple[RouteState, StudyAssembled | None]:
+    """An AI result arrives: kept unless it is of an older version or outranked by the one
+    kept; the latest version is routed again with it (None: nothing to route yet, or stale)."""
+    state = state or RouteState(study_uid=result.study_uid)
+    kept = state.ai
+    if kept is not None and _standing(result) < _standing(kept):
+        return state, None
+    if state.study is not None and result.version < state.study.version:
+        return state, None
+    state = replace(state, ai=result)
+    return state, state.study
+
+
 def order_arrives(state: RouteState | None, order: OrderReceived) -> tuple[RouteState, StudyAssembled | None]:
     """The study's order arrives or changes: it is kept, and the latest version of the
     study is routed again with it; None while no version has arrived (routed then)."""
     state = replace(state or RouteState(study_uid=order.study_uid), order=order)
+    return state, state.study
+
+
+def priors_arrive(state: RouteState | None, comparison: PriorComparison) -> tuple[RouteState, StudyAssembled | None]:
+    """A prior comparison arrives (or a new revision of one): kept unless the kept one is of
+    a later version or revision; the latest version is routed again with it."""
+    state = state or RouteState(study_uid=comparison.study_uid)
+    kept = state.priors
+    if kept is not None and (comparison.version, comparison.revision) <= (kept.version, kept.revision):
+        return state, None
+    if state.study is not None and comparison.version < state.study.version:
+        return state, None
+    state = replace(state, priors=comparison)
     return state, state.study
 
 
@@ -255,26 +386,47 @@ def order_arrives(state: RouteState | None, order: OrderReceived) -> tuple[Route
 
 def register(ctx) -> None:
     """Attach the routing agent: study.assembled + study.order -> routing.decision + worklist.update."""
+    from schemas.deid.keys import load_keys
+
     rules = load_rules(ctx.settings.routing.rules_file)  # invalid rules stop the worker at start
     states = TypedTable.declare(ctx, "route-state", RouteState)
+    ai_enabled = ctx.settings.ai.enabled
+    keys = load_keys(ctx.settings)  # the de-identified UID of a study, for its admission hint
+    emergency = re.compile(ctx.settings.ai.emergency_locations, re.IGNORECASE)
 
-    def routed(study: StudyAssembled | None, order: OrderReceived | None) -> list[Output]:
+    def routed(study: StudyAssembled | None, state: RouteState) -> list[Output]:
         if study is None:
             return []
-        decision, worklist = route(study, rules, utcnow(), order)
+        decision, worklist = route(study, rules, utcnow(), state.order, state.ai, ai_enabled, state.priors)
         log.info("study routed", trace_id=study.trace_id, version=study.version, priority=decision.priority.value,
-                 subspecialty=decision.subspecialty, order=order.accession_number if order else None)
-        return [(ROUTING_DECISION, decision), (WORKLIST_UPDATE, worklist)]
+                 subspecialty=decision.subspecialty, order=state.order.accession_number if state.order else None,
+                 ai_status=worklist.ai_status, ai_findings=worklist.ai_findings)
+        outputs: list[Output] = [(ROUTING_DECISION, decision), (WORKLIST_UPDATE, worklist)]
+        hint = admission_hint(state.order, keys.uid(study.study_uid), emergency) if ai_enabled else None
+        if hint is not None and state.ai is None:
+            outputs.append((INFERENCE_PRIORITY, hint))
+        return outputs
 
     def on_study(study: StudyAssembled) -> list[Output]:
         state, to_route = states.apply(study.study_uid, study_arrives, study)
-        return routed(to_route, state.order)
+        return routed(to_route, state)
 
     def on_order(order: OrderReceived) -> list[Output]:
         if not order.study_uid:
             raise Unexpected("an order on study.order must name its study_uid")
         state, to_route = states.apply(order.study_uid, order_arrives, order)
-        return routed(to_route, state.order)
+        return routed(to_route, state)
 
-    # Studies and orders share one stream, so the state is written in partition order.
-    run_stage(ctx, Stage("route", (STUDY_ASSEMBLED, STUDY_ORDER), {StudyAssembled: on_study, OrderReceived: on_order}))
+    def on_ai(result: InferenceResult) -> list[Output]:
+        state, to_route = states.apply(result.study_uid, ai_arrives, result)
+        return routed(to_route, state)
+
+    def on_priors(comparison: PriorComparison) -> list[Output]:
+        state, to_route = states.apply(comparison.study_uid, priors_arrive, comparison)
+        return routed(to_route, state)
+
+    # Studies, orders, AI results and prior comparisons share one stream, so the state is
+    # written in partition order.
+    run_stage(ctx, Stage("route", (STUDY_ASSEMBLED, STUDY_ORDER, STUDY_AI, STUDY_PRIORS),
+                         {StudyAssembled: on_study, OrderReceived: on_order, InferenceResult: on_ai,
+                          PriorComparison: on_priors}))

@@ -7,12 +7,18 @@ The runner owns the rest, once for every stage: decoding, the type check, timing
 metrics, sending, and the dead letter with its reason, source topic and offset
 (``undecodable``, ``unexpected_event``, ``stage_error`` with the trace id). A handler
 that raises never stops the agent, because Faust would not restart it.
+
+A handler may also be a coroutine function, for a stage whose work waits on others
+(the AI stage's events wait for a shared, priority-ordered batch); with ``concurrency``
+N such handlers run at once, and Faust commits an offset only once every earlier one
+of its partition is done.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +36,7 @@ log = get_logger("radstream.streams")
 
 #: one event to publish, and where
 Output = tuple[TopicSpec, Record]
-Handler = Callable[[Any], list[Output]]
+Handler = Callable[[Any], list[Output] | Awaitable[list[Output]]]
 
 
 class Unexpected(Exception):
@@ -44,16 +50,24 @@ class Stage:
 
     name: str  # the agent's name, the metrics label and the dead letter's ``stage``
     sources: tuple[TopicSpec, ...]
-    handlers: Mapping[type[Record], Handler]
+    #: by event type, or by source topic where two sources carry one type
+    handlers: Mapping[type[Record] | TopicSpec, Handler]
     #: the handlers block (blob I/O, DICOM parsing): they run in a thread so the event
     #: loop keeps heartbeating; such a stage must not write tables
     blocking: bool = False
+    #: events handled at once (Faust actors); more than one only for coroutine handlers
+    concurrency: int = 1
 
     def __post_init__(self) -> None:
-        carried = {spec.event for spec in self.sources}
-        if carried != set(self.handlers):
-            raise ValueError(f"stage {self.name!r} reads {sorted(t.__name__ for t in carried)} but handles "
-                             f"{sorted(t.__name__ for t in self.handlers)}")
+        unhandled = [spec.suffix for spec in self.sources if spec not in self.handlers and spec.event not in self.handlers]
+        unread = [getattr(key, "__name__", None) or key.suffix for key in self.handlers
+                  if key not in self.sources and key not in {spec.event for spec in self.sources}]
+        if unhandled or unread:
+            raise ValueError(f"stage {self.name!r} has no handler for {unhandled} and handlers for what it does not "
+                             f"read: {unread}")
+
+    def handler(self, spec: TopicSpec) -> Handler:
+        return self.handlers[spec] if spec in self.handlers else self.handlers[spec.event]
 
 
 def run_stage(ctx: StreamContext, stage: Stage) -> None:
@@ -64,9 +78,9 @@ def run_stage(ctx: StreamContext, stage: Stage) -> None:
         async for message in stream.events():
             event = await intake.accept(ctx, message)
             if event is not None:
-                await _handle(ctx, stage, message, event)
+                await _handle(ctx, stage, intake.topics[message.message.topic], message, event)
 
-    ctx.app.agent(ctx.source(*stage.sources), name=stage.name)(agent)
+    ctx.app.agent(ctx.source(*stage.sources), name=stage.name, concurrency=stage.concurrency)(agent)
 
 
 @dataclass(frozen=True)
@@ -108,12 +122,17 @@ class Intake:
         return None
 
 
-async def _handle(ctx: StreamContext, stage: Stage, message: faust.EventT, event: Record) -> None:
+async def _handle(ctx: StreamContext, stage: Stage, spec: TopicSpec, message: faust.EventT, event: Record) -> None:
     trace_id = getattr(event, "trace_id", None)
     try:
         with STAGE_SECONDS.labels(stage.name).time():
-            handler = stage.handlers[type(event)]
-            outputs = await asyncio.to_thread(handler, event) if stage.blocking else handler(event)
+            handler = stage.handler(spec)
+            if stage.blocking:
+                outputs = await asyncio.to_thread(handler, event)
+            else:
+                outputs = handler(event)
+                if inspect.isawaitable(outputs):
+                    outputs = await outputs
         for spec, output in outputs:
             await ctx.send(spec, output)
     except Unexpected as exc:

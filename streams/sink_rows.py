@@ -17,6 +17,7 @@ from typing import Any
 from schemas.events import (
     Alert,
     DeadLetter,
+    InferenceResult,
     OrderReceived,
     PatientUpdated,
     Record,
@@ -29,6 +30,7 @@ from schemas.topics import (
     ALERT,
     DEAD_LETTER,
     DEID_QUARANTINE,
+    INFERENCE_RESULT,
     ORDER_RECEIVED,
     PATIENT_UPDATED,
     ROUTING_DECISION,
@@ -49,7 +51,8 @@ class Position:
     offset: int
 
 
-RowBuilder = Callable[[Any, Position], Row]
+#: one row, or several of one table (an AI result has a row per model run)
+RowBuilder = Callable[[Any, Position], Row | list[Row]]
 
 
 def columns(*names: str) -> RowBuilder:
@@ -69,6 +72,7 @@ _worklist_columns = columns(
     "study_uid", "version", "trace_id", "accession_number", "patient_id", "patient_name", "modality", "modalities",
     "body_part", "study_description", "priority", "subspecialty", "source_site", "institution_name",
     "instance_count", "status", "reasons", "received_at", "assembled_at", "routed_at", "reason_for_exam",
+    "ai_status", "ai_findings", "ai_reason", "relevant_priors", "prior_summary", "prior_follow_up", "priors",
 )
 
 
@@ -106,6 +110,25 @@ def routed_stage(decision: RoutingDecision, position: Position) -> Row:
     return _stage_row(decision, "routed", decision.routed_at, decision.routed_at, detail, source_site="")
 
 
+def model_run_rows(result: InferenceResult, position: Position) -> list[Row]:
+    """One row per model run of an AI pre-read (AI monitoring reads these)."""
+    common = {"study_uid": result.study_uid, "version": result.version, "trace_id": result.trace_id,
+              "status": result.status.value, "level": result.level, "queued_ms": result.queued_ms,
+              "decode_ms": result.decode_ms, "infer_ms": result.infer_ms, "latency_ms": result.latency_ms,
+              "inferred_at": result.inferred_at}
+    return [
+        {**common, "model": run.model, "model_version": run.model_version, "model_sha256": run.model_sha256,
+         "backend": run.backend, "model_status": run.status.value, "silent": run.silent, "images": run.images,
+         "labels": [s.label for s in run.scores], "scores": [s.score for s in run.scores],
+         "thresholds": [s.threshold for s in run.scores],
+         "findings": [f.label for f in result.findings if f.model == run.model],
+         "reason": run.reason or result.reason}
+        for run in result.models
+    ] or [{**common, "model": "", "model_version": "", "model_sha256": "", "backend": "", "model_status":
+           result.status.value, "silent": False, "images": 0, "labels": [], "scores": [], "thresholds": [],
+           "findings": [], "reason": result.reason}]
+
+
 _dead_letter_columns = columns(
     "failed_at", "stage", "reason", "error", "trace_id", "key", "source_topic", "source_partition", "source_offset",
     "payload_uri",
@@ -138,14 +161,19 @@ SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
         "source_site", "patient_id", "control_id", "message_type", "trace_id", "received_at", "patient_name",
         "patient_birth_date", "patient_sex", "patient_location", "patient_state")),),
     DeadLetter: (("dead_letters", dead_letter_row),),
+    InferenceResult: (("inference_results", model_run_rows),),  # a row per model run
 }
 
 #: the topics the sink writes to the warehouse; dead letters and quarantined instances among them
 SINK_TOPICS = (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER, ORDER_RECEIVED, PATIENT_UPDATED,
-               STUDY_LINK, DEID_QUARANTINE)
+               STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT)
 
 
 def rows_for(event: Record, partition: int = -1, offset: int = -1, topic: str = "") -> list[tuple[str, Row]]:
     """Warehouse rows ``(table, row)`` recording one event read at ``topic``/``partition``/``offset``."""
     position = Position(topic, partition, offset)
-    return [(table, build(event, position)) for table, build in SINK_TABLES.get(type(event), ())]
+    rows: list[tuple[str, Row]] = []
+    for table, build in SINK_TABLES.get(type(event), ()):
+        built = build(event, position)
+        rows.extend((table, row) for row in (built if isinstance(built, list) else [built]))
+    return rows

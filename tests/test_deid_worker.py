@@ -2,8 +2,9 @@
 
 Two worker processes that each de-identify half of one study, with the same key file,
 must agree on the study/series UIDs and the pseudonym; a real Faust worker on a real
-broker de-identifies a study end to end, and ``radstream phi-scan`` finds nothing in the
-de-identified zone (while it does find the canaries in the identified one).
+broker de-identifies a study end to end, the AI worker pre-reads it, and
+``radstream phi-scan`` finds nothing in the de-identified zone, AI topics included (while
+it does find the canaries in the identified one).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from schemas.blobs import instance_key
 from adapters.blobs import LocalBlobStore
 from schemas.events import InstanceReceived, trace_id_for, utcnow
 from schemas.settings import Settings
-from schemas.topics import DEID_QUARANTINE, STUDY_DEIDENTIFIED, STUDY_LINK
+from schemas.events import InferenceStatus
+from schemas.topics import DEID_QUARANTINE, INFERENCE_RESULT, STUDY_AI, STUDY_DEIDENTIFIED, STUDY_LINK
 from schemas.deid.keys import load_keys
 from tests.deid_fixtures import CANARIES, STUDY_UID, seeded_bytes
 from tests.test_streams_worker import consume, produce, start_worker
@@ -107,12 +109,16 @@ def test_worker_deidentifies_a_study_end_to_end_and_phi_scan_finds_nothing(broke
             received_at=utcnow(), modality=ds.Modality, expected_study_instances=len(paths),
             patient_id=str(ds.PatientID), patient_name=str(ds.PatientName), study_description=ds.StudyDescription))
     proc = start_worker(broker, tmp_path / "worker.log")
+    ai = start_worker(broker, tmp_path / "inference.log", role="inference")
     try:
         produce(broker, events)
         deidentified = consume(broker, STUDY_DEIDENTIFIED, 1)
         links = consume(broker, STUDY_LINK, 1)
         held = consume(broker, DEID_QUARANTINE, 1)
+        results = consume(broker, INFERENCE_RESULT, 1)
+        relinked = consume(broker, STUDY_AI, 1)
     finally:
+        procs.stop(ai, grace_s=5)
         procs.stop(proc, grace_s=5)
     assert len(deidentified) == 1, (tmp_path / "worker.log").read_text()[-3000:]
     study, link = deidentified[0], links[0]
@@ -120,6 +126,13 @@ def test_worker_deidentifies_a_study_end_to_end_and_phi_scan_finds_nothing(broke
     assert study.study_uid == keys.uid(STUDY_UID) == link.deid_study_uid and link.study_uid == STUDY_UID
     assert study.instance_count == 3 and len(study.series) == 2
     assert held[0].reason == "burned_in_phi" and "modality US" in held[0].error and held[0].key == STUDY_UID
+    # the AI worker read the de-identified study; only the identified zone knows whose it is
+    assert len(results) == 1, (tmp_path / "inference.log").read_text()[-3000:]
+    result = results[0]
+    assert result.study_uid == study.study_uid and result.trace_id == study.trace_id
+    assert result.status is InferenceStatus.OK and result.models[0].images == 3
+    assert relinked[0].study_uid == STUDY_UID and relinked[0].trace_id == link.trace_id
+    assert relinked[0].models == result.models
 
     canaries = tmp_path / "canaries.txt"
     canaries.write_text("\n".join([*CANARIES, link.trace_id]) + "\n")
@@ -127,7 +140,16 @@ def test_worker_deidentifies_a_study_end_to_end_and_phi_scan_finds_nothing(broke
     radstream = [sys.executable, "-m", "radstream", "phi-scan", "--canaries", str(canaries)]
     clean = subprocess.run(radstream, env=env, capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert "1 events" in clean.stdout and "3 blobs" in clean.stdout and "0 findings" in clean.stdout
+    # every event of the de-identified zone was read: the study, its AI result, its prior
+    # comparison(s) and their copies keyed by patient (no hint: no order; no retry: the queue
+    # was never full)
+    import re
+
+    events = int(re.search(r"(\d+) events", clean.stdout).group(1))
+    per_topic = dict(re.findall(r"\.([a-z.-]+) (\d+)/\d+", clean.stdout))
+    assert events == sum(map(int, per_topic.values())) >= 5, clean.stdout
+    assert per_topic["study.deidentified"] == "1" and per_topic["inference.result"] == "1", clean.stdout
+    assert "3 blobs" in clean.stdout and "0 findings" in clean.stdout
     # the scanner is not blind: the identified topic it is pointed at is full of canaries
     dirty = subprocess.run([*radstream, "--topic", "study.assembled"], env=env, capture_output=True, text=True,
                            timeout=120)

@@ -1,10 +1,11 @@
-"""A real DICOM study in, a prioritised worklist row out.
+"""A real DICOM study in, a prioritised worklist row out, re-prioritised by AI.
 
-``radstream up`` runs for real (Tansu broker, chDB warehouse endpoint, Faust worker,
-DICOM gateway, all as child processes); dcmtk's ``storescu`` plays the modality and
-sends DICOM files that nobody here wrote (pydicom's test files and pydicom-data's chest
-CR and head CT); the test then reads the worklist and stage events from the warehouse
-through clickhouse-connect, exactly as an analyst would.
+``radstream up`` runs for real (Tansu broker, chDB warehouse endpoint, Faust worker, AI
+worker, DICOM gateway, all as child processes); dcmtk's ``storescu`` plays the modality
+and sends DICOM files that nobody here wrote (pydicom-data's chest CR and head CT, and
+the same head CT with a demo finding painted in, as a study of its own); the test then
+reads the worklist and stage events from the warehouse through clickhouse-connect,
+exactly as an analyst would.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ pytestmark = pytest.mark.integration
 
 STORESCU = "/usr/bin/storescu"
 
-#: real files: two CTs and a chest CR, each in a study of its own
-FILES = ["CT_small.dcm", "693_UNCR.dcm", "RG1_UNCR.dcm"]
+#: real files: a head CT and a chest CR, each in a study of its own (plus a painted head CT)
+FILES = ["693_UNCR.dcm", "RG1_UNCR.dcm"]
 
 RULES = """
 [defaults]
@@ -56,29 +57,40 @@ def real_file(name: str) -> Path:
     return Path(path)
 
 
+def start_up(settings: Settings, tmp_path: Path, **env_extra: str) -> subprocess.Popen:
+    """``radstream up`` with these settings (and extra ``RADSTREAM_*``), once it says it is ready."""
+    env = {**os.environ, **settings.to_env(), **env_extra}
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen([sys.executable, "-m", "radstream", "up"], env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "radstream is ready" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_up(proc)
+            raise AssertionError(f"radstream up not ready (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
+        time.sleep(0.25)
+    return proc
+
+
+def stop_up(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture
 def runtime(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, subprocess.Popen]]:
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
-    env = {**os.environ, **settings.to_env(), "RADSTREAM_ROUTING_RULES_FILE": str(rules)}
-    log = tmp_path / "up.log"
-    proc = subprocess.Popen([sys.executable, "-m", "radstream", "up"], env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_up(settings, tmp_path, RADSTREAM_ROUTING_RULES_FILE=str(rules))
     try:
-        deadline = time.monotonic() + 120
-        while "radstream is ready" not in log.read_text(errors="replace"):
-            assert proc.poll() is None, f"radstream up exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "not ready after 120 s:\n" + log.read_text()[-4000:]
-            time.sleep(0.25)
         yield settings, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_up(proc)
 
 
 def storescu(settings: Settings, paths: list[Path], calling_ae: str = "SITE_A") -> subprocess.CompletedProcess:
@@ -89,31 +101,47 @@ def storescu(settings: Settings, paths: list[Path], calling_ae: str = "SITE_A") 
     )
 
 
-def wait_for_worklist(settings: Settings, studies: int, timeout_s: float = 90) -> list[dict]:
+def wait_for_worklist(settings: Settings, studies: int, timeout_s: float = 90, ai: bool = False) -> list[dict]:
+    """The worklist once it has ``studies`` rows (and, with ``ai``, each row's AI result)."""
     deadline = time.monotonic() + timeout_s
     rows: list[dict] = []
     while time.monotonic() < deadline:
         rows = current_worklist(settings)
-        if len(rows) >= studies:
+        if len(rows) >= studies and (not ai or all(row["ai_status"] != "PENDING" for row in rows)):
             return rows
         time.sleep(0.5)
     raise AssertionError(f"worklist has {len(rows)} of {studies} studies after {timeout_s}s: {rows}")
 
 
+def painted_head_ct(tmp_path: Path) -> Path:
+    """pydicom-data's head CT with the demo hemorrhage-like finding painted in, as a new study."""
+    from pydicom.uid import generate_uid
+
+    from engines.demo.synthetic import paint_finding
+
+    ds = paint_finding(dcmread(real_file("693_UNCR.dcm")), "hemorrhage", 101)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp_path / "painted-head-ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 @pytest.mark.skipif(not shutil.which(STORESCU), reason="dcmtk is installed by scripts/bootstrap.sh")
 def test_real_studies_sent_by_storescu_become_one_prioritised_row_each(runtime, tmp_path: Path) -> None:
     settings, _ = runtime
-    paths = [real_file(name) for name in FILES]
+    paths = [real_file(name) for name in FILES] + [painted_head_ct(tmp_path)]
     expected = {}
     for path in paths:
         header = dcmread(path, stop_before_pixels=True)
         expected[header.StudyInstanceUID] = header.Modality
-    assert len(expected) == len(FILES), "the chosen files must be three different studies"
+    assert len(expected) == len(paths), "the chosen files must be three different studies"
 
+    # the painted (critical) study is sent last, after the routine head CT
     sent = storescu(settings, paths)
     assert sent.returncode == 0, sent.stderr
 
-    rows = wait_for_worklist(settings, len(expected))
+    rows = wait_for_worklist(settings, len(expected), ai=True)
     by_study = {row["study_uid"]: row for row in rows}
     assert set(by_study) == set(expected)
     for study_uid, modality in expected.items():
@@ -124,8 +152,19 @@ def test_real_studies_sent_by_storescu_become_one_prioritised_row_each(runtime, 
     chest = next(r for r in rows if r["modality"] == "CR")
     assert (chest["priority"], chest["subspecialty"]) == ("URGENT", "thoracic")
     assert any("chest-cr-urgent" in reason for reason in chest["reasons"])
-    assert {r["priority"] for r in rows if r["modality"] == "CT"} == {"ROUTINE"}
-    assert rows[0]["priority"] == "URGENT", "the worklist lists the most urgent study first"
+    # every study was pre-read by AI; only the painted head CT has a finding, and it is critical
+    assert {r["ai_status"] for r in rows} == {"OK"}, rows
+    painted = by_study[dcmread(paths[-1], stop_before_pixels=True).StudyInstanceUID]
+    head = by_study[dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID]
+    assert painted["priority"] == "CRITICAL" and any(r.startswith("ai-critical") for r in painted["reasons"])
+    assert [f.split()[0] for f in painted["ai_findings"]] == ["hemorrhage"]
+    assert head["priority"] == "ROUTINE" and head["ai_findings"] == [] and chest["ai_findings"] == []
+    assert [r["study_uid"] for r in rows] == [painted["study_uid"], chest["study_uid"], head["study_uid"]], \
+        "the critical study, sent last, is read first; then the urgent one; then the routine one"
+    # the AI results themselves are in the de-identified zone, under de-identified UIDs only
+    ai_rows = connect(settings).query("SELECT study_uid, model, backend, findings FROM inference_results FINAL").result_rows
+    assert len(ai_rows) == 3 and not {uid for uid, *_ in ai_rows} & set(expected)
+    assert {backend for _, _, backend, _ in ai_rows} == {"onnxruntime-cpu"}
 
     for study_uid in expected:
         stages = query_rows(settings, "stage_events_for_study", study_uid=study_uid)

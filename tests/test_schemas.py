@@ -86,3 +86,12 @@ def test_garbage_and_wrong_type_are_decode_errors() -> None:
 
 def test_trace_id_is_stable_per_study() -> None:
     assert trace_id_for("1.2.3") == trace_id_for("1.2.3") != trace_id_for("1.2.4")
+
+
+def test_every_declared_topic_is_created_at_start() -> None:
+    """A topic left out of ALL_TOPICS is auto-created by the broker with its default
+    partition count, and a table fed by it then fails (PartitionsMismatch)."""
+    from schemas import topics
+
+    declared = {value for value in vars(topics).values() if isinstance(value, topics.TopicSpec)}
+    assert declared == set(topics.ALL_TOPICS), sorted(spec.suffix for spec in declared - set(topics.ALL_TOPICS))

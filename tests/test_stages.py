@@ -1,4 +1,7 @@
-"""Stages as pure functions: assembly, routing and sink rows, no broker needed."""
+"""Stages as pure functions: assembly, routing and sink rows, no broker needed.
+
+About 460 lines: every stage's pure steps, each with the events that drive it.
+"""
 
 from __future__ import annotations
 
@@ -188,8 +191,9 @@ def test_sink_rows_for_a_study_link_and_a_quarantined_instance() -> None:
 def _order(**overrides):
     from schemas.events import OrderReceived
 
-    return OrderReceived(trace_id="o1", accession_number="ACC9", message_type="ORM^O01", control_id="C1",
-                         source_site="SITE_A", received_at=T0, priority="S", **overrides)
+    fields = dict(trace_id="o1", accession_number="ACC9", message_type="ORM^O01", control_id="C1",
+                  source_site="SITE_A", received_at=T0, priority="S")
+    return OrderReceived(**{**fields, **overrides})
 
 
 def test_every_stage_state_round_trips_through_the_one_table_codec() -> None:
@@ -198,6 +202,7 @@ def test_every_stage_state_round_trips_through_the_one_table_codec() -> None:
 
     from schemas.codec import Codec
     from streams.orders import OrderJoin
+    from streams.relink import RelinkState
     from streams.route import RouteState
 
     progress, stored = feed([instance("1", expected=3, study_description="CT HEAD", accession_number="ACC9")])
@@ -207,8 +212,11 @@ def test_every_stage_state_round_trips_through_the_one_table_codec() -> None:
         progress,
         next(iter(stored.values())),
         OrderJoin(accession_number="ACC9", order=_order(), studies={"1.2.3": trace_id_for("1.2.3")}),
-        RouteState(study_uid="1.2.3", study=study.replace(instances=[]), order=_order(study_uid="1.2.3")),
+        RouteState(study_uid="1.2.3", study=study.replace(instances=[]), order=_order(study_uid="1.2.3"),
+                   ai=_inference_result()),
         RouteState(study_uid="1.2.4"),
+        RelinkState(deid_study_uid="2.25.9", waiting=[_inference_result()]),
+        RelinkState(deid_study_uid="2.25.9", study_uid="1.2.3", trace_id="t"),
     ]
     for state in states:
         stored_value = json.loads(json.dumps(state.to_dict()))  # what the changelog holds
@@ -284,13 +292,19 @@ def test_an_older_version_replayed_is_routed_but_the_latest_is_kept() -> None:
 
 
 def test_a_stage_must_handle_exactly_the_events_its_topics_carry() -> None:
-    from schemas.events import AssemblyTimer
-    from schemas.topics import ASSEMBLY_TIMER, INSTANCE_RECEIVED
+    from schemas.events import AssemblyTimer, StudyAssembled
+    from schemas.topics import ASSEMBLY_TIMER, INFERENCE_RETRY, INSTANCE_RECEIVED, STUDY_DEIDENTIFIED
     from streams.runner import Stage
 
     Stage("assemble", (INSTANCE_RECEIVED, ASSEMBLY_TIMER), {InstanceReceived: list, AssemblyTimer: list})
-    with pytest.raises(ValueError, match="reads \\['AssemblyTimer', 'InstanceReceived'\\] but handles"):
+    with pytest.raises(ValueError, match="has no handler for \\['assembly.timer'\\]"):
         Stage("assemble", (INSTANCE_RECEIVED, ASSEMBLY_TIMER), {InstanceReceived: list})
+    with pytest.raises(ValueError, match="does not read: \\['StudyAssembled'\\]"):
+        Stage("assemble", (INSTANCE_RECEIVED, ASSEMBLY_TIMER),
+              {InstanceReceived: list, AssemblyTimer: list, StudyAssembled: list})
+    # two sources of one event type: a handler per topic
+    stage = Stage("preread", (STUDY_DEIDENTIFIED, INFERENCE_RETRY), {STUDY_DEIDENTIFIED: list, INFERENCE_RETRY: tuple})
+    assert stage.handler(INFERENCE_RETRY) is tuple and stage.handler(STUDY_DEIDENTIFIED) is list
 
 
 def _ddl_columns() -> dict[str, set[str]]:
@@ -304,9 +318,22 @@ def _ddl_columns() -> dict[str, set[str]]:
         for name, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)\s*\((.*?)\n\)", text, re.S):
             lines = [line.strip() for line in body.strip().splitlines()]
             tables[name] = {line.split()[0] for line in lines if line and not line.startswith("--") and " DEFAULT " not in line}
-        for name, column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", text):
-            tables[name].add(column)
+        for name, alters in re.findall(r"ALTER TABLE (\w+)(.*)", text, re.S):
+            tables[name].update(re.findall(r"ADD COLUMN IF NOT EXISTS (\w+)", alters))
     return tables
+
+
+def _inference_result():
+    from schemas.events import CodedConcept, Finding, InferenceResult, InferenceStatus, LabelScore, ModelRun
+
+    run = ModelRun(model="m", model_version="1", model_sha256="ab", backend="onnxruntime-cpu",
+                   status=InferenceStatus.OK, silent=False, images=3,
+                   scores=[LabelScore(label="hemorrhage", score=0.9, threshold=0.5)])
+    finding = Finding(label="hemorrhage", model="m", model_version="1", confidence=0.9, threshold=0.5, critical=True,
+                      silent=False, codes=[CodedConcept(scheme="SCT", value="50960005", meaning="Hemorrhage")])
+    return InferenceResult(trace_id="d", study_uid="2.25.9", version=1, status=InferenceStatus.OK, findings=[finding],
+                           models=[run], level=2, images=3, queued_ms=1, decode_ms=2, infer_ms=3, latency_ms=6,
+                           inferred_at=T0)
 
 
 def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
@@ -325,6 +352,7 @@ def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
         PatientUpdated(trace_id="a", message_type="ADT^A08", control_id="A1", source_site="SITE_A", received_at=T0,
                        patient_id="P1", patient_name="DOE^JANE", patient_state="NV"),
         DeadLetter(stage="assemble", reason="undecodable", error="x", failed_at=T0),
+        _inference_result(),
     ]
     assert {type(event) for event in samples} == set(SINK_TABLES)
     ddl = _ddl_columns()
@@ -357,3 +385,76 @@ def test_the_assembly_stage_handlers_over_in_memory_tables() -> None:
     assert assembly.on_tick(ticks["1.2.3"]) == []  # assembled and past retention: forgotten
     assert assembly.studies.get("1.2.3") is None and assembly.instances.keys() == ["1.2.9|9"]
     assert assembly.on_tick(AssemblyTimer(study_uid="1.2.404", due_at=T0)) == []
+
+
+# ---------------------------------------------------------------- AI results in the identified zone
+
+
+def _link(**overrides):
+    from schemas.events import StudyLink
+
+    fields = dict(trace_id=trace_id_for("1.2.3"), study_uid="1.2.3", version=1, deid_study_uid="2.25.9",
+                  deid_trace_id="d", patient_pseudonym="P", source_site="SITE_A", linked_at=T0)
+    return StudyLink(**{**fields, **overrides})
+
+
+def test_an_ai_result_goes_on_to_routing_under_the_original_study_only_through_its_link() -> None:
+    from streams.relink import link_arrives, result_arrives
+
+    result = _inference_result()
+    state, released = result_arrives(None, result)  # before its link: it waits
+    assert released == [] and state.waiting == [result]
+    state, released = link_arrives(state, _link())
+    assert [(r.study_uid, r.trace_id) for r in released] == [("1.2.3", trace_id_for("1.2.3"))]
+    assert released[0].findings == result.findings and state.waiting == []
+    state, released = result_arrives(state, result.replace(version=2))  # after it: at once
+    assert [(r.study_uid, r.version) for r in released] == [("1.2.3", 2)]
+
+
+def test_routing_keeps_the_latest_ai_result_of_the_latest_version() -> None:
+    from streams.route import ai_arrives, study_arrives
+
+    study = _assembled()
+    linked = _inference_result().replace(study_uid=study.study_uid, version=1)
+    state, to_route = ai_arrives(None, linked)
+    assert to_route is None and state.ai == linked  # no study yet: routed when it comes
+    state, to_route = study_arrives(state, study)
+    decision, row = route(to_route, load_rules(), T0, state.order, state.ai, ai_enabled=True)
+    assert decision.priority is Priority.CRITICAL and row.ai_status == "OK"
+    assert row.ai_findings == ["hemorrhage 0.90 (m 1)"] and "ai-critical: priority=CRITICAL" in row.reasons
+    older = linked.replace(inferred_at=T0 - timedelta(seconds=5))
+    assert ai_arrives(state, older) == (state, None)  # an older result does not replace a newer one
+    from schemas.events import InferenceStatus
+    deferred = linked.replace(status=InferenceStatus.TIMEOUT, inferred_at=T0 + timedelta(seconds=5))
+    assert ai_arrives(state, deferred) == (state, None)  # nor does a TIMEOUT replace a finished pre-read
+    state, _ = study_arrives(state, study.replace(version=2))
+    assert ai_arrives(state, linked)[1] is None  # version 1's result is stale once version 2 is here
+    _, pending = route(state.study, load_rules(), T0, state.order, state.ai, ai_enabled=True)
+    assert pending.ai_status == "PENDING" and pending.priority is not Priority.CRITICAL
+
+
+def test_failed_ai_is_shown_with_its_reason_and_changes_no_priority() -> None:
+    from schemas.events import InferenceStatus
+
+    study = _assembled()
+    for status in (InferenceStatus.TIMEOUT, InferenceStatus.ERROR, InferenceStatus.NOT_APPLICABLE):
+        failed = _inference_result().replace(study_uid=study.study_uid, status=status, findings=[], reason="why")
+        _, row = route(study, load_rules(), T0, ai=failed, ai_enabled=True)
+        assert (row.ai_status, row.ai_reason, row.priority) == (status.value, "why", Priority.ROUTINE)
+    _, off = route(study, load_rules(), T0, ai_enabled=False)
+    assert off.ai_status == "NONE"
+
+
+def test_a_stat_order_or_an_emergency_location_makes_an_admission_hint_under_the_deidentified_uid() -> None:
+    import re
+
+    from streams.route import admission_hint
+
+    emergency = re.compile(r"^(ED|ER)\b", re.IGNORECASE)
+    stat = admission_hint(_order(), "2.25.9", emergency)
+    assert (stat.study_uid, stat.level, stat.reason) == ("2.25.9", 1, "STAT order")
+    ed = admission_hint(_order(priority="R", patient_location="ED^BAY3"), "2.25.9", emergency)
+    assert ed.reason == "emergency location"
+    assert admission_hint(_order(priority="R", patient_location="WARD^4"), "2.25.9", emergency) is None
+    assert admission_hint(_order(order_control="CA"), "2.25.9", emergency) is None
+    assert admission_hint(None, "2.25.9", emergency) is None

@@ -328,13 +328,18 @@ def test_radstream_up_runs_the_whole_runtime_and_stops_clean(settings: Settings,
         run.wait_ready(timeout_s=120)
         up = _up_json(settings)
         pids = [child["pid"] for child in up["children"].values()]
-        assert set(up["children"]) == {"broker", "warehouse", "worker", "dicom-gateway", "hl7-gateway",
-                                           "stow-gateway"}
+        assert set(up["children"]) == {"broker", "warehouse", "worker", "inference", "dicom-gateway",
+                                           "hl7-gateway", "stow-gateway"}
         assert f"RADSTREAM@127.0.0.1:{settings.dicom.port}" in run.stdout
 
         _wait_for(lambda: "studies on the worklist" in run.stdout, 120, "the demo's worklist", run.proc,
                   (run.out, run.err))
         assert "failed 0" in run.stdout and "ROUTINE" in run.stdout
+        # the demo's painted head CT: the AI's critical finding tops the worklist
+        table = run.stdout.split("worklist:", 1)[1]
+        first_row = next(line for line in table.splitlines() if "CRITICAL" in line or "URGENT" in line
+                         or "ROUTINE" in line)
+        assert "CRITICAL" in first_row and "hemorrhage" in table, table
 
         sent = subprocess.run(
             [sys.executable, "-m", "radstream", "send", get_testdata_file("CT_small.dcm", download=False),
@@ -349,6 +354,7 @@ def test_radstream_up_runs_the_whole_runtime_and_stops_clean(settings: Settings,
         _assert_nothing_left(pids, ports, str(tmp_path), timeout_s=5)
         assert not (settings.data_dir / "run" / "up.json").exists()
         assert not (settings.data_dir / "run" / "worker.ready").exists()
+        assert not (settings.data_dir / "run" / "inference.ready").exists()
     finally:
         run.kill()
 
@@ -357,13 +363,14 @@ def test_radstream_up_runs_the_whole_runtime_and_stops_clean(settings: Settings,
 def test_sigkill_of_the_whole_runtime_leaves_no_process_or_port(settings: Settings, env: dict[str, str],
                                                                 tmp_path: Path) -> None:
     """SIGKILL gives the supervisor no chance to clean up: the children's parent-death
-    signal must take broker, warehouse, worker and gateway down on their own."""
+    signal must take broker, warehouse, workers and gateways down on their own (and the AI
+    worker's decode processes with it)."""
     run = Run([sys.executable, "-m", "radstream", "up"], env, tmp_path, tmp_path)
     try:
         run.wait_ready(timeout_s=120)
         children = _up_json(settings)["children"]
-        assert set(children) == {"broker", "warehouse", "worker", "dicom-gateway", "hl7-gateway",
-                                           "stow-gateway"}
+        assert set(children) == {"broker", "warehouse", "worker", "inference", "dicom-gateway", "hl7-gateway",
+                                 "stow-gateway"}
         pids = [child["pid"] for child in children.values()]
         run.proc.send_signal(signal.SIGKILL)
         run.proc.wait(timeout=10)

@@ -15,6 +15,9 @@ SELECT w.study_uid AS study_uid, w.version AS version, w.trace_id AS trace_id,
        w.source_site AS source_site, w.institution_name AS institution_name, w.instance_count AS instance_count,
        w.status AS status, w.reasons AS reasons, w.received_at AS received_at, w.assembled_at AS assembled_at,
        w.routed_at AS routed_at, w.reason_for_exam AS reason_for_exam,
+       w.ai_status AS ai_status, w.ai_findings AS ai_findings, w.ai_reason AS ai_reason,
+       w.relevant_priors AS relevant_priors, w.prior_summary AS prior_summary,
+       w.prior_follow_up AS prior_follow_up, w.priors AS priors,
        p.demographics_updated_at AS demographics_updated_at
 FROM worklist AS w FINAL
 LEFT JOIN latest_patient AS p ON p.source_site = w.source_site AND p.patient_id = ifNull(w.patient_id, '')
