@@ -7,14 +7,16 @@ out within a level. This one does the same for images: requests from many studie
 queued, a batch is cut at ``max_batch`` images or ``max_delay_s`` after the first queued
 image, and the batch takes the most urgent images first, ``(level, sequence)`` order.
 A batch is never pre-empted (neither is Triton's), so batches stay small enough that a
-STAT study waits at most one batch. Starvation is the caller's business: the AI stage
-promotes a routine study that has waited too long before it submits (Triton documents
-starvation under its DELAY policy; PMC8128725 saw the longest routine wait grow
-890 → 1,293 min without an aging guard).
+STAT study waits at most two batches (the running one and the one queued behind it).
+Starvation is the caller's business: the AI stage promotes a routine study that has waited
+too long before it submits (Triton documents starvation under its DELAY policy; PMC8128725
+saw the longest routine wait grow 890 → 1,293 min without an aging guard).
 
-The engine runs in one thread at a time (GPU engines and ONNX Runtime sessions are
-driven by one caller); an engine exception fails every request of its batch, and the
-caller decides what that means (the circuit breaker, :mod:`engines.breaker`).
+The engine runs in its own thread, one batch at a time (GPU engines and ONNX Runtime
+sessions are driven by one caller), with the next batch cut and queued behind the running
+one, so the engine never waits on the event loop between batches; an engine exception
+fails every request of its batch, and the caller decides what that means (the circuit
+breaker, :mod:`engines.breaker`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +77,10 @@ class PriorityBatcher:
         self._ids = itertools.count()  # ties within one sequence number never compare requests
         #: order in which requests' first images entered a batch (sequence numbers), for tests and metrics
         self.served: list[int] = []
+        self._buffers: list[np.ndarray | None] = [None, None]
+        self._turn = 0
+        self._in_flight = asyncio.Semaphore(2)
+        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
 
     def start(self) -> None:
         if self._task is None:
@@ -87,6 +94,7 @@ class PriorityBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        self._engine.shutdown(wait=False)
 
     @property
     def queued_images(self) -> int:
@@ -113,6 +121,22 @@ class PriorityBatcher:
         self._heap = [item for item in self._heap if not gone(item[3])]
         heapq.heapify(self._heap)
 
+    def _stack(self, batch: list[tuple[_Request, int, int]], size: int) -> np.ndarray:
+        """The batch as one array: a view when it is one request's slice, else copied into a
+        buffer kept for the next batch (a fresh 2 MB array per batch costs page faults)."""
+        first, start, count = batch[0]
+        if len(batch) == 1:
+            return first.images[start:start + count]
+        shape, dtype = (self.max_batch, *first.images.shape[1:]), first.images.dtype
+        buffer = self._buffers[self._turn]
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._buffers[self._turn] = np.empty(shape, dtype)
+        offset = 0
+        for request, start, count in batch:
+            buffer[offset:offset + count] = request.images[start:start + count]
+            offset += count
+        return buffer[:size]  # two buffers, two batches in flight: reused only once its batch is done
+
     def _cut(self) -> list[tuple[_Request, int, int]]:
         """The next batch: (request, first image, count) slices, most urgent first."""
         batch, room = [], self.max_batch
@@ -136,6 +160,7 @@ class PriorityBatcher:
             while not self._heap:
                 self._arrived.clear()
                 await self._arrived.wait()
+            await self._in_flight.acquire()  # at most two batches: one running, the next ready behind it
             first = self._clock()
             while self.queued_images < self.max_batch and self._clock() - first < self.max_delay_s:
                 self._arrived.clear()
@@ -144,27 +169,41 @@ class PriorityBatcher:
                 except TimeoutError:
                     break
             batch = self._cut()
-            try:
-                size = sum(count for _, _, count in batch)
-                BATCH_IMAGES.labels(self.name).observe(size)
-                stacked = (batch[0][0].images[batch[0][1]:batch[0][1] + batch[0][2]] if len(batch) == 1
-                           else np.concatenate([r.images[start:start + count] for r, start, count in batch]))
-                outputs = await loop.run_in_executor(None, self._run, stacked)
-                if len(outputs) != size:
-                    raise RuntimeError(f"engine returned {len(outputs)} outputs for a batch of {size}")
-            except Exception as exc:  # every request of the batch fails; the queue goes on
-                for request, _, _ in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
-                self._drop(lambda r: r.future.done())
+            if not batch:  # its requests were cancelled meanwhile
+                self._in_flight.release()
                 continue
-            offset = 0
-            for request, start, count in batch:
-                part, offset = outputs[offset:offset + count], offset + count
-                if request.future.done():
-                    continue
-                request.chunks.append((start, part))
-                request.done += count
-                if request.done == len(request.images):
-                    request.chunks.sort(key=lambda chunk: chunk[0])
-                    request.future.set_result(np.concatenate([c for _, c in request.chunks]))
+            size = sum(count for _, _, count in batch)
+            BATCH_IMAGES.labels(self.name).observe(size)
+            try:
+                stacked = self._stack(batch, size)
+            except Exception as exc:
+                self._finish(batch, size, exc)
+                continue
+            # the engine's own thread takes the next batch the moment it is done with this one
+            running = loop.run_in_executor(self._engine, self._run, stacked)
+            running.add_done_callback(lambda done, batch=batch, size=size: self._finish(
+                batch, size, done.exception() if not done.cancelled() else RuntimeError("engine run cancelled"),
+                None if done.cancelled() or done.exception() else done.result()))
+            self._turn ^= 1
+
+    def _finish(self, batch: list[tuple[_Request, int, int]], size: int, error: BaseException | None,
+                outputs: np.ndarray | None = None) -> None:
+        self._in_flight.release()
+        if error is None and len(outputs) != size:
+            error = RuntimeError(f"engine returned {len(outputs)} outputs for a batch of {size}")
+        if error is not None:  # every request of the batch fails; the queue goes on
+            for request, _, _ in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            self._drop(lambda r: r.future.done())
+            return
+        offset = 0
+        for request, start, count in batch:
+            part, offset = outputs[offset:offset + count], offset + count
+            if request.future.done():
+                continue
+            request.chunks.append((start, part))
+            request.done += count
+            if request.done == len(request.images):
+                request.chunks.sort(key=lambda chunk: chunk[0])
+                request.future.set_result(np.concatenate([c for _, c in request.chunks]))

@@ -45,28 +45,26 @@ def to_bytes(dataset: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def ich():
-    card = load_card(ICH_CARD)
+def _model(card_file):
+    card = load_card(card_file)
     engine = load_engine(card, "onnxruntime-cpu", threads=1)
     yield card, engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def ich():
+    yield from _model(ICH_CARD)
 
 
 @pytest.fixture(scope="module")
 def ptx():
-    card = load_card(PTX_CARD)
-    engine = load_engine(card, "onnxruntime-cpu", threads=1)
-    yield card, engine
-    engine.close()
+    yield from _model(PTX_CARD)
 
 
 @pytest.fixture(scope="module")
 def lesion_mr():
-    card = load_card(MR_CARD)
-    engine = load_engine(card, "onnxruntime-cpu", threads=1)
-    yield card, engine
-    engine.close()
+    yield from _model(MR_CARD)
 
 
 def image_scores(card, engine, instances: list[bytes]) -> np.ndarray:

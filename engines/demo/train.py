@@ -57,7 +57,7 @@ from engines.preprocess import prepare_frame
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """What differs between the two demo models: the finding, the modality and the card."""
+    """What differs between the demo models: the finding, the modality and the card."""
 
     directory: str
     kind: str
@@ -72,119 +72,64 @@ _NOT_CLINICAL = (
     "its scores mean nothing about real patients."
 )
 
+
+def _card(name: str, applicability: dict, preprocessing: dict, volume: dict, label: dict) -> dict:
+    """A demo card; what all three share is written once (key order is the card file's)."""
+    return {
+        "name": name, "version": "1.0.0", "model_file": "model.onnx", "sha256": "", "intended_use": "",
+        "clinical_use": False, "applicability": applicability,
+        "input": {"name": "image", "shape": [1, 128, 128], "dtype": "float32", "max_batch": 64},
+        "output": {"name": "logits", "activation": "sigmoid"},
+        "preprocessing": preprocessing, "volume": volume, "labels": [label],
+    }
+
+
+def _prep(window: dict | None = None) -> dict:
+    """Rescale, MONOCHROME1, the window if any (else min/max), 128x128, normalised."""
+    return {"rescale": True, "invert_monochrome1": True, **({"window": window} if window else {}),
+            "resize": [128, 128], "normalize": {"mean": 0.5, "std": 0.25}}
+
+
+def _label(name: str, critical: bool, sct: tuple[str, str], radlex: tuple[str, str]) -> dict:
+    return {"name": name, "threshold": 0.5, "critical": critical, "codes": [
+        {"scheme": "SCT", "value": sct[0], "meaning": sct[1]},
+        {"scheme": "RADLEX", "value": radlex[0], "meaning": radlex[1]}]}
+
+
+_CT_SOP = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"]
+_CR_SOP = ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"]
+_MR_SOP = ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"]
+_VOLUME = {"slice_selection": "central", "max_slices": 24, "aggregate": "max", "top_k": 3}
+
 ICH = DemoSpec("ich_ct_demo", "hemorrhage", (
     "a hyperdense (55-85 HU), irregular blob 5-20 mm in radius, with or without a hypodense rim, in the "
     "parenchyma of crude synthetic axial head-CT slices, of zoomed-in views of them (45-200 mm across, down "
     "to brain with no skull in sight, resampled to 64-256 pixels) and of skull-less soft-tissue fields with "
-    "bone fragments; both classes include all three"), {
-    "name": "radstream-demo-ich-ct",
-    "version": "1.0.0",
-    "model_file": "model.onnx",
-    "sha256": "",
-    "intended_use": "",
-    "clinical_use": False,
-    "applicability": {
-        "modalities": ["CT"],
-        "body_parts": ["HEAD", "BRAIN", "SKULL"],
-        "sop_classes": ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"],
-        "min_slices": 1,
-        "max_slices": 2000,
-    },
-    "input": {"name": "image", "shape": [1, 128, 128], "dtype": "float32", "max_batch": 64},
-    "output": {"name": "logits", "activation": "sigmoid"},
-    "preprocessing": {
-        "rescale": True,
-        "invert_monochrome1": True,
-        "window": {"center": 40, "width": 80},
-        "resize": [128, 128],
-        "normalize": {"mean": 0.5, "std": 0.25},
-    },
-    "volume": {"slice_selection": "central", "max_slices": 24, "aggregate": "max", "top_k": 3},
-    "labels": [{
-        "name": "hemorrhage",
-        "threshold": 0.5,
-        "critical": True,
-        "codes": [
-            {"scheme": "SCT", "value": "50960005", "meaning": "Hemorrhage"},
-            {"scheme": "RADLEX", "value": "RID4700", "meaning": "hemorrhage"},
-        ],
-    }],
-}, train_scale=1.5)
+    "bone fragments; both classes include all three"), _card(
+    "radstream-demo-ich-ct",
+    {"modalities": ["CT"], "body_parts": ["HEAD", "BRAIN", "SKULL"], "sop_classes": _CT_SOP, "min_slices": 1,
+     "max_slices": 2000},
+    _prep({"center": 40, "width": 80}), _VOLUME,
+    _label("hemorrhage", True, ("50960005", "Hemorrhage"), ("RID4700", "hemorrhage"))), train_scale=1.5)
 
 PTX = DemoSpec("ptx_cr_demo", "pneumothorax", (
     "an apical/lateral lucent rim without lung markings bounded by a thin bright pleural line, in crude "
-    "synthetic frontal chest radiographs"), {
-    "name": "radstream-demo-ptx-cr",
-    "version": "1.0.0",
-    "model_file": "model.onnx",
-    "sha256": "",
-    "intended_use": "",
-    "clinical_use": False,
-    "applicability": {
-        "modalities": ["CR", "DX"],
-        "body_parts": ["CHEST", "THORAX"],
-        "sop_classes": ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
-                        "1.2.840.10008.5.1.4.1.1.1.1.1"],
-        "min_slices": 1,
-        "max_slices": 10,
-    },
-    "input": {"name": "image", "shape": [1, 128, 128], "dtype": "float32", "max_batch": 64},
-    "output": {"name": "logits", "activation": "sigmoid"},
-    "preprocessing": {
-        "rescale": True,
-        "invert_monochrome1": True,
-        "resize": [128, 128],
-        "normalize": {"mean": 0.5, "std": 0.25},
-    },
-    "volume": {"slice_selection": "all", "max_slices": 10, "aggregate": "max", "top_k": 1},
-    "labels": [{
-        "name": "pneumothorax",
-        "threshold": 0.5,
-        "critical": True,
-        "codes": [
-            {"scheme": "SCT", "value": "36118008", "meaning": "Pneumothorax"},
-            {"scheme": "RADLEX", "value": "RID5352", "meaning": "pneumothorax"},
-        ],
-    }],
-})
+    "synthetic frontal chest radiographs"), _card(
+    "radstream-demo-ptx-cr",
+    {"modalities": ["CR", "DX"], "body_parts": ["CHEST", "THORAX"], "sop_classes": _CR_SOP, "min_slices": 1,
+     "max_slices": 10},
+    _prep(), {"slice_selection": "all", "max_slices": 10, "aggregate": "max", "top_k": 1},
+    _label("pneumothorax", True, ("36118008", "Pneumothorax"), ("RID5352", "pneumothorax"))))
 
 LESION_MR = DemoSpec("mr_brain_demo", "lesion", (
     "a round-ish, soft-edged focal spot 6-17% of the field of view across, in parenchyma, 5-30% brighter "
     "than anything else in the slice (and at least 1.5 times the tissue), in crude synthetic T1-, T2- and "
-    "FLAIR-like brain-MR slices of any zoom, scale and bias field, min/max scaled per image"), {
-    "name": "radstream-demo-lesion-mr",
-    "version": "1.0.0",
-    "model_file": "model.onnx",
-    "sha256": "",
-    "intended_use": "",
-    "clinical_use": False,
-    "applicability": {
-        # no body_parts: BodyPartExamined is Type 3 and pydicom's MR_small.dcm has none
-        "modalities": ["MR"],
-        "body_parts": [],
-        "sop_classes": ["1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"],
-        "min_slices": 1,
-        "max_slices": 2000,
-    },
-    "input": {"name": "image", "shape": [1, 128, 128], "dtype": "float32", "max_batch": 64},
-    "output": {"name": "logits", "activation": "sigmoid"},
-    "preprocessing": {  # no window: MR has no absolute units, so per-image min/max scaling
-        "rescale": True,
-        "invert_monochrome1": True,
-        "resize": [128, 128],
-        "normalize": {"mean": 0.5, "std": 0.25},
-    },
-    "volume": {"slice_selection": "central", "max_slices": 24, "aggregate": "max", "top_k": 3},
-    "labels": [{
-        "name": "lesion",
-        "threshold": 0.5,
-        "critical": False,
-        "codes": [
-            {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"},
-            {"scheme": "RADLEX", "value": "RID38780", "meaning": "lesion"},
-        ],
-    }],
-}, train_scale=1.5)
+    "FLAIR-like brain-MR slices of any zoom, scale and bias field, min/max scaled per image"), _card(
+    "radstream-demo-lesion-mr",
+    # no body_parts: BodyPartExamined is Type 3 and pydicom's MR_small.dcm has none
+    {"modalities": ["MR"], "body_parts": [], "sop_classes": _MR_SOP, "min_slices": 1, "max_slices": 2000},
+    _prep(), _VOLUME,  # no window: MR has no absolute units, so per-image min/max scaling
+    _label("lesion", False, ("52988006", "Lesion"), ("RID38780", "lesion"))), train_scale=1.5)
 
 SPECS = (ICH, PTX, LESION_MR)
 
