@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.telemetry import get_logger
+from schemas.toml_files import read_toml
 
 log = get_logger("radstream.roster")
 
@@ -319,13 +319,7 @@ def parse_roster(data: dict[str, Any], source: str = "<roster>") -> Roster:
 
 def load_roster(path: Path | str) -> Roster:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise RosterError(f"{path}: roster file does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RosterError(f"{path}: not valid TOML: {exc}") from None
-    return parse_roster(data, str(path))
+    return parse_roster(read_toml(path, "roster file", RosterError), str(path))
 
 
 def _explain(exc: ValidationError, data: dict[str, Any], source: str) -> str:

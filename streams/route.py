@@ -34,7 +34,6 @@ roster joins this stage in a later issue.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -63,6 +62,7 @@ from schemas.topics import (
     STUDY_PRIORS,
     WORKLIST_UPDATE,
 )
+from schemas.toml_files import read_toml
 from streams.runner import Output, Stage, Unexpected, run_stage
 from streams.state import TableState, TypedTable
 
@@ -120,13 +120,7 @@ def default_rules_path() -> Path:
 
 def load_rules(path: Path | None = None) -> RuleSet:
     path = path or default_rules_path()
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise RuleError(f"routing rules file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RuleError(f"routing rules file {path} is not valid TOML: {exc}") from None
-    return parse_rules(data, str(path))
+    return parse_rules(read_toml(path, "routing rules file", RuleError), str(path))
 
 
 def parse_rules(data: dict[str, Any], source: str = "<rules>") -> RuleSet:

@@ -382,7 +382,7 @@ def test_duplicate_ids_unknown_sections_sla_keys_and_bad_toml_are_refused(tmp_pa
     assert "reader[1].id: 'dr-a' is used twice (first at reader[0])" in bad(tmp_path, GOOD + GOOD)
     assert "roster.toml: readers: unknown key" in bad(tmp_path, GOOD + "\n[readers]\nx = 1\n")
     assert "sla.site.SITE_B.routin: unknown key" in bad(tmp_path, GOOD + "\n[sla.site.SITE_B]\nroutin = 10\n")
-    assert "roster.toml: not valid TOML" in bad(tmp_path, GOOD + "\n[[reader]\n")
+    assert "roster.toml is not valid TOML" in bad(tmp_path, GOOD + "\n[[reader]\n")
     assert "roster.toml: reader: List should have at least 1 item" in bad(tmp_path, "reader = []\n")
 
 

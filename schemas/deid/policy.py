@@ -17,11 +17,12 @@ always applies.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from schemas.toml_files import read_toml
 
 #: option name -> (Annex E table column, DCM code, code meaning) (PS3.16 CID 7050)
 OPTIONS: dict[str, tuple[str, str, str]] = {
@@ -98,13 +99,7 @@ def default_policy_path() -> Path:
 
 def load_policy(path: Path | None = None) -> Policy:
     path = Path(path or default_policy_path())
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise PolicyError(f"de-identification policy file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"de-identification policy file {path} is not valid TOML: {exc}") from None
-    return parse_policy(data, str(path))
+    return parse_policy(read_toml(path, "de-identification policy file", PolicyError), str(path))
 
 
 def parse_policy(data: dict[str, Any], source: str = "<policy>") -> Policy:
