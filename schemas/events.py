@@ -486,6 +486,22 @@ class WorklistUpdate(Record):
     prior_summary: str | None = None  # the comparison with the most recent relevant prior
     prior_follow_up: list[str] = field(default_factory=list)
     priors: list[str] = field(default_factory=list)  # every candidate prior: the rule that made it relevant, or why not
+    patient_state: str | None = None  # PID-11 state of the patient's address, from the joined order
+    assigned_reader: str | None = None  # the reader the study is on the list of; None: unassigned
+    assigned_at: datetime | None = None
+    sla_deadline: datetime | None = None  # receipt + the SLA target of its urgency (per-site overrides)
+    assignment_reasons: list[str] = field(default_factory=list)  # the filters and scores behind the assignment
+    updated_at: datetime | None = None  # the row's last change (routing, assignment, aging, a reader's action)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssignmentTick(Record):
+    """The reader-assignment clock: published by the assignment worker's timer and read back
+    in stream order with the routed studies, so aging, shift changes and retries happen at
+    a recorded time and a replay of the topics makes the same decisions."""
+
+    SCHEMA: ClassVar[str] = "assignment_tick"
+    at: datetime
 
 
 @dataclass(frozen=True, kw_only=True)

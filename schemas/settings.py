@@ -269,6 +269,13 @@ class AssemblySettings(_Group):
 
 class RoutingSettings(_Group):
     rules_file: Path | None = Field(None, description="TOML routing rules; default: the packaged rules")
+    roster_file: Path | None = Field(
+        None, description="TOML reader roster (streams/rules/roster.example.toml shows the format), re-read when it "
+                          "changes; unset: studies are routed but not assigned to readers")
+    assignment_tick_s: float = Field(
+        30.0, gt=0, description="how often assignment re-checks aging, shift ends and unassigned studies")
+    promote_within: float = Field(
+        0.25, gt=0, le=1, description="a routine study with under this share of its SLA left is promoted to urgent")
 
 
 class WorkerSettings(_Group):

@@ -15,6 +15,7 @@ from schemas.events import (
     AdmissionHint,
     Alert,
     AssemblyTimer,
+    AssignmentTick,
     AuditEvent,
     DeadLetter,
     InferenceResult,
@@ -40,6 +41,9 @@ class TopicSpec:
     key: str  # the event field used as the Kafka key
     compacted: bool = False
     retention_ms: int | None = None
+    #: every event under this one key, so one partition: the topic feeds state of the whole
+    #: network (the reader assignment), kept by the one worker that owns that partition
+    fixed_key: str | None = None
 
     def name(self, settings: Settings) -> str:
         return settings.topic(self.suffix)
@@ -84,6 +88,10 @@ STUDY_AI = TopicSpec("study.ai", InferenceResult, "study_uid")
 STUDY_PRIORS = TopicSpec("study.priors", PriorComparison, "study_uid")
 #: identified zone: instances held back by de-identification (possible burned-in PHI), with the reason
 DEID_QUARANTINE = TopicSpec("deid.quarantine", DeadLetter, "key")
+#: identified zone, internal: routed worklist rows on their way to reader assignment, one partition
+WORKLIST_ROUTED = TopicSpec("worklist.routed", WorklistUpdate, "study_uid", fixed_key="network")
+#: internal: the assignment clock, on the same partition as the routed rows
+ASSIGNMENT_TICK = TopicSpec("assignment.tick", AssignmentTick, "at", fixed_key="network", retention_ms=7 * 86_400_000)
 #: the de-identified zone: every event here must be free of PHI (``radstream phi-scan`` checks)
 DEIDENTIFIED_TOPICS: tuple[TopicSpec, ...] = (STUDY_DEIDENTIFIED, INFERENCE_RESULT, INFERENCE_PRIORITY, INFERENCE_RETRY,
                                               PRIOR_COMPARISON, PRIORS_STUDY_BY_PATIENT, PRIORS_RESULT_BY_PATIENT)
@@ -113,9 +121,13 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     DEID_QUARANTINE,
     PRIORS_STUDY_BY_PATIENT,
     PRIORS_RESULT_BY_PATIENT,
+    WORKLIST_ROUTED,
+    ASSIGNMENT_TICK,
 )
 
 
 def key_of(spec: TopicSpec, event: Record) -> bytes | None:
+    if spec.fixed_key:
+        return spec.fixed_key.encode()
     value = getattr(event, spec.key, None)
     return value.encode() if value else None

@@ -27,8 +27,8 @@ CRITICAL with the finding as the reason (:func:`apply_ai`); a TIMEOUT / ERROR /
 NOT_APPLICABLE result is shown with its reason and changes nothing else; silent models
 never reach the worklist. Routing also tells the AI stage which studies are urgent (a
 STAT order or an emergency location): an :class:`AdmissionHint` on
-``inference.priority``, naming the study by its de-identified UID only. The reader
-roster joins this stage in a later issue.
+``inference.priority``, naming the study by its de-identified UID only. Its rows go on
+``worklist.routed``, where :mod:`streams.worklist` puts each study on a reader's list.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from schemas.topics import (
     STUDY_ASSEMBLED,
     STUDY_ORDER,
     STUDY_PRIORS,
-    WORKLIST_UPDATE,
+    WORKLIST_ROUTED,
 )
 from schemas.toml_files import read_toml
 from streams.runner import Output, Stage, Unexpected, run_stage
@@ -294,6 +294,7 @@ def route(study: StudyAssembled, rules: RuleSet, now, order: OrderReceived | Non
         ai_status=status, ai_findings=findings, ai_reason=why_no_ai,
         relevant_priors=priors.relevant_priors if priors else 0, prior_summary=priors.summary if priors else None,
         prior_follow_up=list(priors.follow_up) if priors else [], priors=prior_lines(priors),
+        patient_state=order.patient_state if ordered else None,
     )
     return decision, worklist
 
@@ -379,7 +380,7 @@ def priors_arrive(state: RouteState | None, comparison: PriorComparison) -> tupl
 
 
 def register(ctx) -> None:
-    """Attach the routing agent: study.assembled + study.order -> routing.decision + worklist.update."""
+    """Attach the routing agent: study.assembled + study.order + AI + priors -> routing.decision + worklist.routed."""
     from schemas.deid.keys import load_keys
 
     rules = load_rules(ctx.settings.routing.rules_file)  # invalid rules stop the worker at start
@@ -395,7 +396,7 @@ def register(ctx) -> None:
         log.info("study routed", trace_id=study.trace_id, version=study.version, priority=decision.priority.value,
                  subspecialty=decision.subspecialty, order=state.order.accession_number if state.order else None,
                  ai_status=worklist.ai_status, ai_findings=worklist.ai_findings)
-        outputs: list[Output] = [(ROUTING_DECISION, decision), (WORKLIST_UPDATE, worklist)]
+        outputs: list[Output] = [(ROUTING_DECISION, decision), (WORKLIST_ROUTED, worklist)]
         hint = admission_hint(state.order, keys.uid(study.study_uid), emergency) if ai_enabled else None
         if hint is not None and state.ai is None:
             outputs.append((INFERENCE_PRIORITY, hint))

@@ -16,6 +16,7 @@ from typing import Any
 
 from schemas.events import (
     Alert,
+    AuditEvent,
     DeadLetter,
     InferenceResult,
     OrderReceived,
@@ -28,6 +29,7 @@ from schemas.events import (
 )
 from schemas.topics import (
     ALERT,
+    AUDIT,
     DEAD_LETTER,
     DEID_QUARANTINE,
     INFERENCE_RESULT,
@@ -73,12 +75,13 @@ _worklist_columns = columns(
     "body_part", "study_description", "priority", "subspecialty", "source_site", "institution_name",
     "instance_count", "status", "reasons", "received_at", "assembled_at", "routed_at", "reason_for_exam",
     "ai_status", "ai_findings", "ai_reason", "relevant_priors", "prior_summary", "prior_follow_up", "priors",
+    "patient_state", "assigned_reader", "assigned_at", "sla_deadline", "assignment_reasons", "updated_at",
 )
 
 
 def worklist_row(event: WorklistUpdate, position: Position) -> Row:
-    # a later version always wins; within a version, the later update
-    row_version = (event.version << 42) + int(event.routed_at.timestamp() * 1000)
+    # a later version always wins; within a version, the later update (routing, assignment, aging)
+    row_version = (event.version << 42) + int((event.updated_at or event.routed_at).timestamp() * 1000)
     return {**_worklist_columns(event, position), "row_version": row_version}
 
 
@@ -157,6 +160,7 @@ SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
         "accession_number", "control_id", "message_type", "trace_id", "source_site", "received_at", "order_control",
         "study_uid", "patient_id", "patient_name", "priority", "ordering_provider", "reason_for_exam",
         "procedure_code", "procedure_description", "patient_location", "patient_state")),),
+    AuditEvent: (("audit", columns("at", "trace_id", "study_uid", "actor", "action", "stage", "detail")),),
     PatientUpdated: (("patient_updates", columns(
         "source_site", "patient_id", "control_id", "message_type", "trace_id", "received_at", "patient_name",
         "patient_birth_date", "patient_sex", "patient_location", "patient_state")),),
@@ -166,7 +170,7 @@ SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
 
 #: the topics the sink writes to the warehouse; dead letters and quarantined instances among them
 SINK_TOPICS = (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER, ORDER_RECEIVED, PATIENT_UPDATED,
-               STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT)
+               STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT, AUDIT)
 
 
 def rows_for(event: Record, partition: int = -1, offset: int = -1, topic: str = "") -> list[tuple[str, Row]]:

@@ -5,6 +5,7 @@ and a broker that stops answering (0xA700 until it answers again)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -277,6 +278,12 @@ def _orthanc_request(port: int, method: str, path: str, body: bytes | dict | lis
 
 @pytest.fixture
 def orthanc(tmp_path: Path, broker: Settings) -> Iterator[tuple[int, str]]:
+    with site_pacs(tmp_path, broker) as pacs:
+        yield pacs
+
+
+@contextlib.contextmanager
+def site_pacs(tmp_path: Path, broker: Settings) -> Iterator[tuple[int, str]]:
     """Debian's Orthanc on free high ports, local only, with the gateway as a DICOM modality."""
     binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     if not Path(binary).exists():

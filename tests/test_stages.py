@@ -337,7 +337,7 @@ def _inference_result():
 
 
 def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
-    from schemas.events import Alert, DeadLetter, PatientUpdated, StudyLink
+    from schemas.events import Alert, AuditEvent, DeadLetter, PatientUpdated, StudyLink
     from streams.sink_rows import SINK_TABLES, SINK_TOPICS
 
     assert {spec.event for spec in SINK_TOPICS} == set(SINK_TABLES)
@@ -353,6 +353,8 @@ def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
                        patient_id="P1", patient_name="DOE^JANE", patient_state="NV"),
         DeadLetter(stage="assemble", reason="undecodable", error="x", failed_at=T0),
         _inference_result(),
+        AuditEvent(trace_id="t", actor="radstream", action="assigned", stage="worklist", at=T0,
+                   detail={"reader": "dr-a"}, study_uid="1.2.3"),
     ]
     assert {type(event) for event in samples} == set(SINK_TABLES)
     ddl = _ddl_columns()

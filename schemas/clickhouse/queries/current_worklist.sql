@@ -18,9 +18,11 @@ SELECT w.study_uid AS study_uid, w.version AS version, w.trace_id AS trace_id,
        w.ai_status AS ai_status, w.ai_findings AS ai_findings, w.ai_reason AS ai_reason,
        w.relevant_priors AS relevant_priors, w.prior_summary AS prior_summary,
        w.prior_follow_up AS prior_follow_up, w.priors AS priors,
+       w.assigned_reader AS assigned_reader, w.assigned_at AS assigned_at, w.sla_deadline AS sla_deadline,
+       w.assignment_reasons AS assignment_reasons,
        p.demographics_updated_at AS demographics_updated_at
 FROM worklist AS w FINAL
 LEFT JOIN latest_patient AS p ON p.source_site = w.source_site AND p.patient_id = ifNull(w.patient_id, '')
-ORDER BY multiIf(w.priority = 'CRITICAL', 0, w.priority = 'URGENT', 1, 2), w.received_at
+ORDER BY multiIf(w.priority = 'CRITICAL', 0, w.priority = 'URGENT', 1, 2), ifNull(w.sla_deadline, w.received_at), w.received_at
 LIMIT {limit:UInt32}
 SETTINGS join_use_nulls = 1
