@@ -569,6 +569,9 @@ def phi_scan(ctx: click.Context, canary_file: Path, topic_names: Sequence[str], 
 from radstream import models_cli  # noqa: E402  (its command joins the group above)
 
 models_cli.register(cli, config_option, _settings, to_json)
+from radstream import report_cli  # noqa: E402
+
+report_cli.register(cli, config_option, _settings, format_rows, rows_table)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,148 @@
+"""Turnaround, SLA, backlog and AI reports over the warehouse's incremental analytics.
+
+The figures are computed by ClickHouse from the aggregate tables that materialized views
+keep up to date (``schemas/clickhouse/070_*.sql`` onward); each report is one named query
+(``queries/report_<name>.sql``) with its window, grouping and clock as server-side
+parameters. This module validates the request (which report, which grouping, which
+window), runs the query and hands back a :class:`Report`: columns and rows, rendered as a
+rich table, CSV or JSON by :func:`render`. The clock is passed in, so a report over a
+fixed window is reproducible.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from schemas.settings import Settings
+
+#: the groupings ``--by`` offers, as the queries name them
+GROUPINGS = ("site", "modality", "priority", "subspecialty", "reader", "hour")
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What one report is: its title, the groupings it accepts and its default one."""
+
+    title: str
+    groupings: tuple[str, ...]
+    default_by: str | None = None
+    #: why the report cannot be produced yet (a feature it needs is not built); None: it can
+    unavailable: str | None = None
+
+
+REPORTS: dict[str, ReportSpec] = {
+    "turnaround": ReportSpec("Stage latencies (seconds): each stage's own duration and the time since receipt",
+                             GROUPINGS),
+    "sla": ReportSpec("SLA compliance: deadline from assignment, else receipt + the priority's target", GROUPINGS),
+    "backlog": ReportSpec("Worklist depth: open studies on each list at the end of each step",
+                          ("site", "modality", "priority", "subspecialty", "reader"), default_by="reader"),
+    # always per day, model, version, backend, site and label: drift is only seen at that grain
+    "ai": ReportSpec("AI monitoring per day, model version, site and label", ()),
+    "discrepancies": ReportSpec(
+        "Studies where AI and the final read disagree", (),
+        unavailable="the discrepancies report needs the readers' accept/reject feedback on AI findings, which "
+                    "the reading loop (issue 17) will record; it is not built yet, so there is nothing to compare"),
+}
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class ReportRequestError(ValueError):
+    """A report asked for in a way it cannot answer; the message says what to give instead."""
+
+
+class ReportUnavailable(RuntimeError):
+    """The report needs data that no stage produces yet; the message says which."""
+
+
+@dataclass(frozen=True)
+class Report:
+    name: str
+    title: str
+    since: datetime
+    until: datetime
+    columns: list[str]
+    rows: list[list[Any]]
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``24h``, ``7d``, ``2w`` as a timedelta."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ReportRequestError(f"{text!r} is not a duration like 30m, 24h, 7d")
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+
+
+def parse_instant(text: str, now: datetime) -> datetime:
+    """A duration back from ``now`` (``24h``) or an ISO 8601 timestamp (UTC when it names no zone)."""
+    if _DURATION.match(text):
+        return now - parse_duration(text)
+    try:
+        instant = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ReportRequestError(f"{text!r} is neither a duration like 24h or 7d nor an ISO timestamp "
+                                 "like 2026-12-01T08:00") from None
+    return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant.astimezone(UTC)
+
+
+def run_report(settings: Settings, name: str, *, since: datetime, until: datetime, by: str | None = None,
+               step: timedelta = timedelta(hours=1)) -> Report:
+    """Run report ``name`` over studies (or days, or steps) in [since, until), grouped ``by``."""
+    spec = REPORTS.get(name)
+    if spec is None:
+        raise ReportRequestError(f"no report {name!r}; one of {', '.join(REPORTS)}")
+    if spec.unavailable:
+        raise ReportUnavailable(spec.unavailable)
+    by = by or spec.default_by
+    if by is not None and by not in spec.groupings:
+        offered = f"it offers {', '.join(spec.groupings)}" if spec.groupings else "its grouping is fixed"
+        raise ReportRequestError(f"the {name} report cannot be grouped by {by}; {offered}")
+    if since >= until:
+        raise ReportRequestError(f"the window is empty: --since {since.isoformat()} is not before {until.isoformat()}")
+    parameters: dict[str, Any] = {"since": since, "now": until}
+    if name != "ai":
+        parameters["by"] = by or ""
+    if name == "backlog":
+        if step.total_seconds() < 1:
+            raise ReportRequestError("--every must be at least 1s")
+        steps = (until - since) / step
+        if steps > 2000:
+            raise ReportRequestError(f"{steps:.0f} steps of {step} from {since.isoformat()}: give a longer --every")
+        parameters["step_s"] = int(step.total_seconds())
+    columns, rows = _query(settings, f"report_{name}", parameters)
+    if "grp" in columns:  # the grouping column is named after what it groups by, or left out
+        at = columns.index("grp")
+        if by is None:
+            columns, rows = columns[:at] + columns[at + 1:], [row[:at] + row[at + 1:] for row in rows]
+        else:
+            columns[at] = by
+    return Report(name, spec.title, since, until, columns, rows)
+
+
+def _query(settings: Settings, name: str, parameters: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Column names (also of an empty result) and rows of a named query."""
+    from adapters.warehouse import connect
+    from schemas.sql import named_query
+
+    client = connect(settings)
+    try:
+        result = client.query(named_query(name), parameters=parameters)
+        return list(result.column_names), [list(row) for row in result.result_rows]
+    finally:
+        client.close()
+
+
+def render_table(report: Report, rows_table: Callable[[Sequence[str], Sequence[Sequence[Any]]], Any]) -> Any:
+    """The rich table of a report, titled with what it shows and its window."""
+    table = rows_table(report.columns, report.rows)
+    table.title = (f"{report.name}: {report.title}\n"
+                   f"{report.since:%Y-%m-%d %H:%M} .. {report.until:%Y-%m-%d %H:%M} UTC")
+    return table

@@ -1,0 +1,15 @@
+-- Every inference_results row (one model run) into ai_daily (077), one row per label it scored.
+CREATE MATERIALIZED VIEW IF NOT EXISTS ai_daily_from_inference TO ai_daily AS
+SELECT toDate(r.inferred_at) AS day, r.model AS model, r.model_version AS model_version, r.backend AS backend,
+       if(l.source_site = '', '(unlinked)', l.source_site) AS site, label,
+       uniqExactState(r.study_uid, r.version) AS runs,
+       uniqExactIfState(r.study_uid, r.version, toUInt8(r.model_status = 'OK')) AS ok_runs,
+       uniqExactIfState(r.study_uid, r.version, toUInt8(r.silent)) AS silent_runs,
+       uniqExactIfState(r.study_uid, r.version, toUInt8(score >= threshold AND label != '')) AS flagged_runs,
+       groupUniqArrayStateIf((r.study_uid, r.version, score), toUInt8(label != '')) AS scores,
+       groupUniqArrayState((r.study_uid, r.version, r.latency_ms)) AS latencies_ms
+FROM inference_results AS r
+LEFT ARRAY JOIN r.labels AS label, r.scores AS score, r.thresholds AS threshold
+LEFT JOIN (SELECT deid_study_uid, any(toString(source_site)) AS source_site FROM study_links GROUP BY deid_study_uid) AS l
+    ON l.deid_study_uid = r.study_uid
+GROUP BY day, model, model_version, backend, site, label
