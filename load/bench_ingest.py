@@ -45,6 +45,26 @@ utime+stime, both sends plus the settle; "sending" = while storescu runs):
     warehouse      0.3      1%     0.0
     all           32.3            17.5    storescu's own CPU comes on top, on the same 2 cores
 
+Re-measured 2026-12-01 10:17-10:33 on the same machine, busier than in the morning
+(Orthanc's own rates 133-219 and 283-439), N=300, a clean tree of the committed code.
+Before/after: blobs over loopback sent without SigV4 payload hashing (UNSIGNED-PAYLOAD)
+and without botocore's flexible CRC checksums (adapters/s3.py):
+
+    run           1 assoc (ratio)    4 assoc (ratio)    CPU s/100 inst: weed  gateway  worker  all
+    before x3     52-58 (0.27-0.42)  71-85 (0.16-0.28)            2.10-2.54  0.85-0.95  0.77-0.98  4.33-5.04
+    after  x3     48-57 (0.25-0.32)  55-82 (0.14-0.20)            2.07-2.66  0.89-1.02  0.76-0.89  4.16-5.16
+
+The change saves ~0.5 ms of gateway CPU per instance (0.89-0.90 vs 0.94-0.95 s/100 in the
+two quiet pairs) and a little in the worker's de-identification GET/PUT; the rates move
+within the machine's noise. Tried and not kept (no gain beyond noise, one run each):
+``GOGC=400 GOMEMLIMIT=1GiB`` for weed (objectstore 2.45 s/100, 0.23/0.22);
+``-filer.saveToFilerLimit=1048576`` so a slice lives in the filer's store instead of a
+volume (2.29 s/100, 0.22/0.19, and it moves 0.5 MB values into leveldb's compactions).
+The profile table above still holds in shape: weed ~2.1-2.5 s/100 (about half), the
+gateway ~0.9, the worker ~0.8, the broker ~0.2, the AI worker ~0.17 (new since the table).
+0.5x still needs the object store's per-PUT cost cut by several times (one PUT per
+instance through a leaner store or fewer hops), not client settings.
+
 Profilers: Go pprof from ``weed mini -debug`` (18 s from the first send); ``py-spy record
 --gil --nonblocking`` on the gateway and the worker during the 4-association send and its
 settle (``--py-spy DIR``), so C work done without the GIL (hashing, sockets, librdkafka) is
