@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 from adapters.process import start_component
 from adapters.telemetry import serve_metrics
@@ -46,6 +48,23 @@ class GatewayProcess:
     log: logging.Logger
     #: Settles what the settings name before anything starts; raises SettingsError to exit 2.
     prepare: Callable[[Settings], None] = _nothing_to_check
+
+
+def server_tls_context(cert: Path | None, key: Path | None, group: str) -> ssl.SSLContext | None:
+    """An HTTP gateway's TLS context from ``<group>.tls_cert`` and ``<group>.tls_key``; None
+    (plain HTTP) when neither is set; SettingsError when one is missing or cannot be loaded."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        variables = f"RADSTREAM_{group.upper()}_TLS_CERT/_KEY"
+        raise SettingsError(f"{group}.tls_cert and {group}.tls_key must be set together ({variables})")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"{group}.tls_cert/{group}.tls_key cannot be loaded: {exc}") from None
+    return context
 
 
 def run(process: GatewayProcess) -> int:

@@ -66,7 +66,7 @@ from gateways.dicomweb import (
 )
 from gateways.intake import InstanceIntake, Received
 from gateways.publisher import EventPublisher
-from gateways.serving import GatewayProcess, run
+from gateways.serving import GatewayProcess, run, server_tls_context
 from gateways.validation import FailureReason, InstanceUids, InvalidInstance
 from schemas.blobs import BlobStore, is_valid_uid
 from schemas.settings import Settings, SettingsError
@@ -115,18 +115,7 @@ def load_tokens(settings: Settings) -> dict[str, str]:
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The server's TLS context when ``stow.tls_cert`` and ``stow.tls_key`` are set; None for HTTP."""
-    cert, key = settings.stow.tls_cert, settings.stow.tls_key
-    if cert is None and key is None:
-        return None
-    if cert is None or key is None:
-        raise SettingsError("stow.tls_cert and stow.tls_key must be set together (RADSTREAM_STOW_TLS_CERT/_KEY)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise SettingsError(f"stow.tls_cert/stow.tls_key cannot be loaded: {exc}") from None
-    return context
+    return server_tls_context(settings.stow.tls_cert, settings.stow.tls_key, "stow")
 
 
 # ---------------------------------------------------------------- the gateway

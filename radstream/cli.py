@@ -572,6 +572,8 @@ models_cli.register(cli, config_option, _settings, to_json)
 from radstream import report_cli  # noqa: E402
 
 report_cli.register(cli, config_option, _settings, format_rows, rows_table)
+from radstream import reading_cli  # noqa: E402
+reading_cli.register(cli, config_option, _settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -84,9 +84,10 @@ def isolated_listeners(**groups: dict[str, object]) -> dict[str, dict[str, objec
         "dicom": {"port": free_port()},
         "hl7": {"port": free_port()},
         "stow": {"port": free_port()},
+        "reading": {"port": free_port()},
         "worker": {"web_port": free_port()},
         "metrics": {"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0, "stow_gateway_port": 0,
-                    "inference_port": 0},
+                    "inference_port": 0, "reading_port": 0},
     }
     for group, values in groups.items():
         listeners[group] = {**listeners.get(group, {}), **values}

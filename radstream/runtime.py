@@ -149,9 +149,11 @@ def inference_spec(settings: Settings) -> ChildSpec:
 def gateway_specs(settings: Settings) -> list[ChildSpec]:
     """The gateways, each ready once it listens: the DICOM C-STORE/C-ECHO SCP (PS3.4 Annex B),
     the HL7 v2 MLLP listener for orders and ADT updates (HL7 v2.5 Appendix C) and the
-    DICOMweb STOW-RS endpoint (PS3.18 10.5, HTTPS when ``stow.tls_cert``/``tls_key`` are set)."""
+    DICOMweb STOW-RS endpoint (PS3.18 10.5, HTTPS when ``stow.tls_cert``/``tls_key`` are set)
+    and the reading API (readers' actions in, the worklist out; :mod:`gateways.reading_api`)."""
     host, metrics = settings.bind_host, settings.metrics
     scheme = "https" if settings.stow.tls_cert and settings.stow.tls_key else "http"
+    reading_scheme = "https" if settings.reading.tls_cert and settings.reading.tls_key else "http"
     table = [  # name, module, (port, variable, what), (metrics port, variable, what), summary
         ("dicom-gateway", "gateways.dicom_scp", (settings.dicom.port, "RADSTREAM_DICOM_PORT", "the DICOM gateway"),
          (metrics.gateway_port, "RADSTREAM_METRICS_GATEWAY_PORT", "the gateway's metrics"),
@@ -162,6 +164,9 @@ def gateway_specs(settings: Settings) -> list[ChildSpec]:
         ("stow-gateway", "gateways.stow_rs", (settings.stow.port, "RADSTREAM_STOW_PORT", "the STOW-RS gateway"),
          (metrics.stow_gateway_port, "RADSTREAM_METRICS_STOW_GATEWAY_PORT", "the STOW-RS gateway's metrics"),
          f"{scheme}://{host}:{settings.stow.port}/dicomweb  (DICOMweb STOW-RS, bearer tokens)"),
+        ("reading-api", "gateways.reading_api", (settings.reading.port, "RADSTREAM_READING_PORT", "the reading API"),
+         (metrics.reading_port, "RADSTREAM_METRICS_READING_PORT", "the reading API's metrics"),
+         f"{reading_scheme}://{host}:{settings.reading.port}/api/v1  (reading API: readers, admins, analysts)"),
     ]
     return [
         ChildSpec(name=name, argv=procs.python_module(module), ready=port_ready(host, port[0]),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -492,6 +493,9 @@ class WorklistUpdate(Record):
     sla_deadline: datetime | None = None  # receipt + the SLA target of its urgency (per-site overrides)
     assignment_reasons: list[str] = field(default_factory=list)  # the filters and scores behind the assignment
     updated_at: datetime | None = None  # the row's last change (routing, assignment, aging, a reader's action)
+    opened_at: datetime | None = None  # the reader first opened the study (reading API)
+    signed_at: datetime | None = None
+    reader_decisions: list[str] = field(default_factory=list)  # "label: ACCEPT", "label: MODIFY -> text"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -502,6 +506,67 @@ class AssignmentTick(Record):
 
     SCHEMA: ClassVar[str] = "assignment_tick"
     at: datetime
+
+
+class ReadingAction(str, enum.Enum):
+    """What a reader does to a study through the reading API (:class:`ReaderFeedback`).
+
+    CLAIM takes it onto the reader's own list and starts the read (UNREAD -> IN_PROGRESS);
+    RELEASE puts it back (IN_PROGRESS -> UNREAD); OPEN records that the images were opened;
+    ACCEPT, REJECT and MODIFY decide one AI finding; SIGN ends the read (-> SIGNED)."""
+
+    CLAIM = "CLAIM"
+    OPEN = "OPEN"
+    ACCEPT = "ACCEPT"
+    REJECT = "REJECT"
+    MODIFY = "MODIFY"
+    RELEASE = "RELEASE"
+    SIGN = "SIGN"
+
+    @property
+    def decides_finding(self) -> bool:
+        return self in (ReadingAction.ACCEPT, ReadingAction.REJECT, ReadingAction.MODIFY)
+
+
+#: an AI finding as the worklist row shows it: "label 0.93 (model version)" (see :func:`finding_text`)
+_FINDING_TEXT = re.compile(r"^(?P<label>\S+) (?P<score>[0-9.]+) \((?P<model>\S+) (?P<version>[^)]+)\)$")
+
+
+def finding_text(label: str, confidence: float, model: str, model_version: str) -> str:
+    """An AI finding on the worklist row; :func:`parse_finding_text` reads it back."""
+    return f"{label} {confidence:.2f} ({model} {model_version})"
+
+
+def parse_finding_text(text: str) -> dict[str, Any] | None:
+    """``{"label", "score", "model", "model_version"}`` of a worklist row's finding; None if not one."""
+    match = _FINDING_TEXT.match(text)
+    if match is None:
+        return None
+    return {"label": match["label"], "score": float(match["score"]), "model": match["model"],
+            "model_version": match["version"]}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReaderFeedback(Record):
+    """A reader's action on a study, from the reading API: applied by the worklist stage
+    (status, decisions), kept in the warehouse (``reader_feedback``) for AI monitoring, and
+    audited. ``version`` is the worklist row version the reader acted on."""
+
+    SCHEMA: ClassVar[str] = "reader_feedback"
+    feedback_id: str
+    trace_id: str
+    study_uid: str
+    version: int
+    reader_id: str
+    action: ReadingAction
+    at: datetime
+    source_site: str
+    finding: str | None = None  # ACCEPT / REJECT / MODIFY: the AI finding's label
+    model: str | None = None  # "name version" of the model that made the finding
+    score: float | None = None  # the finding's AI confidence, as the reader saw it
+    modified_to: str | None = None  # MODIFY: what the reader reports instead
+    comment: str | None = None
+    report_text: str | None = None  # SIGN: the signed report
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -586,5 +651,7 @@ EVENT_TYPES: dict[str, type[Record]] = {
         DeadLetter,
         AssemblyTimer,
         StudyLink,
+        AssignmentTick,
+        ReaderFeedback,
     )
 }

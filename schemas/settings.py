@@ -226,6 +226,22 @@ class StowSettings(_Group):
         return value
 
 
+class ReadingSettings(_Group):
+    """The reading API (readers claim, open, decide AI findings and sign; admins and analysts
+    read the worklist): JSON over HTTP, HTTPS when both ``tls_cert`` and ``tls_key`` are set.
+
+    ``users_file`` (TOML, ``[[user]]`` with ``id``, ``role`` reader/admin/analyst, ``sites``
+    and ``token_sha256``; ``radstream users token`` makes a token and its hash) says who may
+    do what; with none, every request is refused (401).
+    """
+
+    port: int = Field(8090, ge=1, le=65535)
+    users_file: Path | None = Field(None, description="TOML [[user]] file: id, role, sites, token_sha256")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) for HTTPS")
+    tls_key: Path | None = Field(None, description="PEM private key for HTTPS")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger requests are refused (413)")
+
+
 class BlobSettings(_Group):
     """Claim-check store for instance bytes; pixel data never rides on Kafka.
 
@@ -292,6 +308,7 @@ class MetricsSettings(_Group):
     stow_gateway_port: int = Field(9467, ge=0, le=65535)
     worker_port: int = Field(9465, ge=0, le=65535)
     inference_port: int = Field(9468, ge=0, le=65535)
+    reading_port: int = Field(9469, ge=0, le=65535)
 
 
 class DeidSettings(_Group):
@@ -369,6 +386,7 @@ _GROUPS: dict[str, type[_Group]] = {
     "dicom": DicomSettings,
     "hl7": Hl7Settings,
     "stow": StowSettings,
+    "reading": ReadingSettings,
     "blobs": BlobSettings,
     "seaweedfs": SeaweedSettings,
     "assembly": AssemblySettings,
@@ -425,6 +443,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = DicomSettings()
     hl7: Hl7Settings = Hl7Settings()
     stow: StowSettings = StowSettings()
+    reading: ReadingSettings = ReadingSettings()
     blobs: BlobSettings = BlobSettings()
     seaweedfs: SeaweedSettings = SeaweedSettings()
     assembly: AssemblySettings = AssemblySettings()

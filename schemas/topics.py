@@ -23,6 +23,7 @@ from schemas.events import (
     OrderReceived,
     PatientUpdated,
     PriorComparison,
+    ReaderFeedback,
     Record,
     ResultByPatient,
     RoutingDecision,
@@ -92,6 +93,10 @@ DEID_QUARANTINE = TopicSpec("deid.quarantine", DeadLetter, "key")
 WORKLIST_ROUTED = TopicSpec("worklist.routed", WorklistUpdate, "study_uid", fixed_key="network")
 #: internal: the assignment clock, on the same partition as the routed rows
 ASSIGNMENT_TICK = TopicSpec("assignment.tick", AssignmentTick, "at", fixed_key="network", retention_ms=7 * 86_400_000)
+#: identified zone: readers' actions from the reading API, on the assignment worker's partition
+READING_FEEDBACK = TopicSpec("reading.feedback", ReaderFeedback, "study_uid", fixed_key="network")
+#: identified zone: the reader actions the worklist applied, in order, keyed by study (warehouse, results out)
+READING_APPLIED = TopicSpec("reading.applied", ReaderFeedback, "study_uid")
 #: the de-identified zone: every event here must be free of PHI (``radstream phi-scan`` checks)
 DEIDENTIFIED_TOPICS: tuple[TopicSpec, ...] = (STUDY_DEIDENTIFIED, INFERENCE_RESULT, INFERENCE_PRIORITY, INFERENCE_RETRY,
                                               PRIOR_COMPARISON, PRIORS_STUDY_BY_PATIENT, PRIORS_RESULT_BY_PATIENT)
@@ -123,6 +128,8 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     PRIORS_RESULT_BY_PATIENT,
     WORKLIST_ROUTED,
     ASSIGNMENT_TICK,
+    READING_FEEDBACK,
+    READING_APPLIED,
 )
 
 

@@ -51,6 +51,7 @@ from schemas.events import (
     RuleHit,
     StudyAssembled,
     WorklistUpdate,
+    finding_text,
     utcnow,
 )
 from schemas.topics import (
@@ -221,7 +222,7 @@ def apply_ai(result: InferenceResult | None, priority: Priority, reasons: list[R
     for finding in result.findings:
         if finding.silent:
             continue
-        text = f"{finding.label} {finding.confidence:.2f} ({finding.model} {finding.model_version})"
+        text = finding_text(finding.label, finding.confidence, finding.model, finding.model_version)
         shown.append(text)
         if finding.critical:
             reasons.append(RuleHit(rule_id="ai-critical", description=f"AI critical finding: {text}",

@@ -21,6 +21,7 @@ from schemas.events import (
     InferenceResult,
     OrderReceived,
     PatientUpdated,
+    ReaderFeedback,
     Record,
     RoutingDecision,
     StudyAssembled,
@@ -35,6 +36,7 @@ from schemas.topics import (
     INFERENCE_RESULT,
     ORDER_RECEIVED,
     PATIENT_UPDATED,
+    READING_APPLIED,
     ROUTING_DECISION,
     STUDY_ASSEMBLED,
     STUDY_LINK,
@@ -76,6 +78,7 @@ _worklist_columns = columns(
     "instance_count", "status", "reasons", "received_at", "assembled_at", "routed_at", "reason_for_exam",
     "ai_status", "ai_findings", "ai_reason", "relevant_priors", "prior_summary", "prior_follow_up", "priors",
     "patient_state", "assigned_reader", "assigned_at", "sla_deadline", "assignment_reasons", "updated_at",
+    "opened_at", "signed_at", "reader_decisions",
 )
 
 
@@ -89,6 +92,13 @@ def _stage_row(event: Record, stage: str, started_at, finished_at, detail: dict[
     return {"study_uid": event.study_uid, "version": event.version, "trace_id": event.trace_id,
             "source_site": source_site, "stage": stage, "started_at": started_at, "finished_at": finished_at,
             "detail": detail}
+
+
+def reading_stages(event: WorklistUpdate, position: Position) -> list[Row]:
+    """The reading loop's stages of a worklist row: 'opened' and 'signed', once they happened."""
+    detail = {"reader": event.assigned_reader or ""}
+    return [_stage_row(event, stage, at, at, detail, event.source_site)
+            for stage, at in (("opened", event.opened_at), ("signed", event.signed_at)) if at is not None]
 
 
 def received_stage(study: StudyAssembled, position: Position) -> Row:
@@ -145,7 +155,7 @@ def dead_letter_row(letter: DeadLetter, position: Position) -> Row:
 
 #: event type -> the rows it becomes, each (warehouse table, row builder)
 SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
-    WorklistUpdate: (("worklist", worklist_row),),
+    WorklistUpdate: (("worklist", worklist_row), ("stage_events", reading_stages)),
     StudyAssembled: (("stage_events", received_stage), ("stage_events", assembled_stage)),
     RoutingDecision: (("stage_events", routed_stage),),
     StudyLink: (
@@ -166,11 +176,14 @@ SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
         "patient_birth_date", "patient_sex", "patient_location", "patient_state")),),
     DeadLetter: (("dead_letters", dead_letter_row),),
     InferenceResult: (("inference_results", model_run_rows),),  # a row per model run
+    ReaderFeedback: (("reader_feedback", columns(
+        "feedback_id", "at", "trace_id", "study_uid", "version", "reader_id", "action", "source_site", "finding",
+        "model", "score", "modified_to", "comment", "report_text")),),
 }
 
 #: the topics the sink writes to the warehouse; dead letters and quarantined instances among them
 SINK_TOPICS = (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER, ORDER_RECEIVED, PATIENT_UPDATED,
-               STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT, AUDIT)
+               STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT, AUDIT, READING_APPLIED)
 
 
 def rows_for(event: Record, partition: int = -1, offset: int = -1, topic: str = "") -> list[tuple[str, Row]]:

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from adapters.telemetry import get_logger
-from schemas.events import AssignmentTick, AuditEvent, WorklistUpdate, utcnow
-from schemas.topics import ASSIGNMENT_TICK, AUDIT, WORKLIST_ROUTED, WORKLIST_UPDATE
+from schemas.events import (AssignmentTick, AuditEvent, ReaderFeedback, ReadingAction, WorklistUpdate,
+                           parse_finding_text, utcnow)
+from schemas.topics import ASSIGNMENT_TICK, AUDIT, READING_APPLIED, READING_FEEDBACK, WORKLIST_ROUTED, WORKLIST_UPDATE
 from streams.assign import Assignment, OpenAssignment, QueueBook, StudyToAssign, age, assign, off_shift, reassign
 from streams.roster import RosterReloader, SlaPolicy
 from streams.runner import Output, Stage, run_stage
@@ -56,12 +57,17 @@ class WorklistState(TableState):
     status: str = "UNREAD"
     reasons: list[str] = field(default_factory=list)
     updated_at: datetime | None = None
+    opened_at: datetime | None = None
+    signed_at: datetime | None = None
+    decisions: dict[str, str] = field(default_factory=dict)  # AI finding label -> the reader's decision
+    applied: list[str] = field(default_factory=list)  # feedback ids already applied (a replay applies none twice)
 
     def published(self) -> WorklistUpdate:
         """The worklist row the sink writes."""
         return replace(self.row, assigned_reader=self.reader_id, assigned_at=self.assigned_at,
                        sla_deadline=self.deadline, assignment_reasons=list(self.reasons), status=self.status,
-                       updated_at=self.updated_at)
+                       updated_at=self.updated_at, opened_at=self.opened_at, signed_at=self.signed_at,
+                       reader_decisions=[f"{label}: {self.decisions[label]}" for label in sorted(self.decisions)])
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,15 @@ class Change:
     action: str | None = None
     explanation: dict | None = None
     previous_reader: str | None = None
+    feedback: ReaderFeedback | None = None  # the reader's action this change applies
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A reader's action the study's state does not allow (audited; the worklist is unchanged)."""
+
+    feedback: ReaderFeedback
+    reason: str
 
 
 def study_of(row: WorklistUpdate, site_state: str | None) -> StudyToAssign:
@@ -186,6 +201,53 @@ class Worklist:
                 changes[uid] = self._decide(state, decision, now, "assigned")
         return list(changes.values())
 
+    def feedback(self, state: WorklistState | None, action: ReaderFeedback) -> Change | Refused | None:
+        """A reader's action (reading API): the study's new state, or why it is refused.
+        UNREAD -CLAIM-> IN_PROGRESS -SIGN-> SIGNED, RELEASE back to UNREAD; OPEN and the
+        decisions on AI findings only while the reader holds the study. None: applied before."""
+        if state is None:
+            return Refused(action, "the study is not on the worklist")
+        if action.feedback_id in state.applied:
+            return None
+        reader, kind = action.reader_id, action.action
+        if state.status == "SIGNED":
+            return Refused(action, f"signed already (by {state.reader_id})")
+        holds = state.status == "IN_PROGRESS" and state.reader_id == reader
+        if kind is ReadingAction.CLAIM:
+            if state.status == "IN_PROGRESS":
+                return None if holds else Refused(action, f"in progress by {state.reader_id}")
+            changed = replace(state, status="IN_PROGRESS", reader_id=reader)
+            if reader != state.reader_id:
+                changed = replace(changed, assigned_at=action.at,
+                                  reasons=[f"claimed by {reader} (was {state.reader_id or 'unassigned'})",
+                                           *state.reasons])
+            return self._apply(changed, action, previous_reader=state.reader_id)
+        if not holds:
+            return Refused(action, f"{reader} does not hold the study (status {state.status}, "
+                                   f"reader {state.reader_id or 'none'}): claim it first")
+        if kind is ReadingAction.RELEASE:
+            return self._apply(replace(state, status="UNREAD"), action)
+        if kind is ReadingAction.OPEN:
+            return self._apply(replace(state, opened_at=state.opened_at or action.at), action)
+        if kind is ReadingAction.SIGN:
+            return self._apply(replace(state, status="SIGNED", signed_at=action.at,
+                                       opened_at=state.opened_at or action.at), action)
+        labels = {f["label"] for f in map(parse_finding_text, state.row.ai_findings) if f is not None}
+        if action.finding not in labels:
+            return Refused(action, f"no AI finding {action.finding!r} in version {state.row.version} "
+                                   f"(findings: {', '.join(sorted(labels)) or 'none'})")
+        if kind is ReadingAction.MODIFY and not action.modified_to:
+            return Refused(action, "MODIFY needs what the reader reports instead (modified_to)")
+        decision = f"MODIFY -> {action.modified_to}" if kind is ReadingAction.MODIFY else kind.value
+        return self._apply(replace(state, decisions={**state.decisions, action.finding: decision}), action)
+
+    def _apply(self, changed: WorklistState, action: ReaderFeedback, previous_reader: str | None = None) -> Change:
+        changed = replace(changed, applied=[*changed.applied, action.feedback_id],
+                          updated_at=_later(changed.updated_at, action.at))
+        self._track(changed)
+        return Change(changed, f"reader-{action.action.value.lower()}", previous_reader=previous_reader,
+                      feedback=action)
+
     @staticmethod
     def _urgency_order(state: WorklistState) -> tuple:
         return (state.row.priority.rank, state.deadline or state.row.received_at, state.study_uid)
@@ -200,8 +262,31 @@ def audit_of(change: Change, now: datetime) -> AuditEvent:
         detail["previous_reader"] = change.previous_reader
     if change.explanation is not None:
         detail["explanation"] = json.dumps(change.explanation, sort_keys=True)
+    if change.feedback is not None:
+        detail.update(feedback_detail(change.feedback), status=state.status)
+        if change.feedback.action is ReadingAction.SIGN:
+            undecided = sorted({f["label"] for f in map(parse_finding_text, state.row.ai_findings) if f}
+                               - set(state.decisions))
+            detail["undecided_findings"] = ",".join(undecided)
+        return AuditEvent(trace_id=state.row.trace_id, actor=change.feedback.reader_id, action=change.action,
+                          stage="reading", at=change.feedback.at, detail=detail, study_uid=state.study_uid)
     return AuditEvent(trace_id=state.row.trace_id, actor="radstream", action=change.action, stage="worklist",
                       at=now, detail=detail, study_uid=state.study_uid)
+
+
+def feedback_detail(action: ReaderFeedback) -> dict[str, str]:
+    """A reader's action as audit detail: what they did, to which finding, on which version."""
+    fields = {"feedback_id": action.feedback_id, "action": action.action.value, "version": str(action.version),
+              "finding": action.finding, "model": action.model, "modified_to": action.modified_to,
+              "comment": action.comment}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def refusal_audit(refused: Refused) -> AuditEvent:
+    action = refused.feedback
+    return AuditEvent(trace_id=action.trace_id, actor=action.reader_id, action="reader-action-refused",
+                      stage="reading", at=action.at, detail={**feedback_detail(action), "reason": refused.reason},
+                      study_uid=action.study_uid)
 
 
 def register(ctx) -> None:
@@ -227,6 +312,8 @@ def register(ctx) -> None:
         for change in changes:
             states[change.state.study_uid] = change.state
             outputs.append((WORKLIST_UPDATE, change.state.published()))
+            if change.feedback is not None:
+                outputs.append((READING_APPLIED, change.feedback))
             if change.action is not None:
                 outputs.append((AUDIT, audit_of(change, now)))
                 log.info("study " + change.action, trace_id=change.state.row.trace_id, reader=change.state.reader_id,
@@ -240,8 +327,16 @@ def register(ctx) -> None:
     def on_tick(tick: AssignmentTick) -> list[Output]:
         return publish(ready().tick(states.__getitem__, tick.at), tick.at)
 
-    run_stage(ctx, Stage("worklist", (WORKLIST_ROUTED, ASSIGNMENT_TICK),
-                         {WorklistUpdate: on_routed, AssignmentTick: on_tick}))
+    def on_feedback(action: ReaderFeedback) -> list[Output]:
+        outcome = ready().feedback(states.get(action.study_uid), action)
+        if isinstance(outcome, Refused):
+            log.warning("reader action refused", trace_id=action.trace_id, reader=action.reader_id,
+                        action=action.action.value, reason=outcome.reason)
+            return [(AUDIT, refusal_audit(outcome))]
+        return publish([outcome], action.at) if outcome is not None else []
+
+    run_stage(ctx, Stage("worklist", (WORKLIST_ROUTED, ASSIGNMENT_TICK, READING_FEEDBACK),
+                         {WorklistUpdate: on_routed, AssignmentTick: on_tick, ReaderFeedback: on_feedback}))
 
     if roster is not None:
         @ctx.app.timer(interval=settings.routing.assignment_tick_s, name="assignment-clock", on_leader=True)
@@ -249,4 +344,5 @@ def register(ctx) -> None:
             await ctx.send(ASSIGNMENT_TICK, AssignmentTick(at=utcnow()))
 
 
-__all__ = ["Change", "NO_ROSTER", "Worklist", "WorklistState", "audit_of", "register", "study_of"]
+__all__ = ["Change", "NO_ROSTER", "Refused", "Worklist", "WorklistState", "audit_of", "feedback_detail", "refusal_audit",
+           "register", "study_of"]

@@ -36,6 +36,16 @@ def test_dataclass_fields_match_avro_schema(name: str) -> None:
         assert nullable <= has_default, f"{name}.{fname} is nullable in Avro but required in Python"
 
 
+def test_every_event_on_a_topic_is_known_to_the_codec() -> None:
+    """An event type the codec does not know is dead-lettered as undecodable wherever it is read
+    (the assignment clock's ticks once were: aging never ran in the runtime)."""
+    from schemas.topics import ALL_TOPICS
+
+    on_topics = {spec.event for spec in ALL_TOPICS}
+    unknown = {event.__name__ for event in on_topics if EVENT_TYPES.get(event.SCHEMA) is not event}
+    assert not unknown
+
+
 def _study() -> StudyAssembled:
     now = utcnow()
     return StudyAssembled(

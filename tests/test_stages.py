@@ -337,7 +337,7 @@ def _inference_result():
 
 
 def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
-    from schemas.events import Alert, AuditEvent, DeadLetter, PatientUpdated, StudyLink
+    from schemas.events import Alert, AuditEvent, DeadLetter, PatientUpdated, ReaderFeedback, ReadingAction, StudyLink
     from streams.sink_rows import SINK_TABLES, SINK_TOPICS
 
     assert {spec.event for spec in SINK_TOPICS} == set(SINK_TABLES)
@@ -355,8 +355,12 @@ def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
         _inference_result(),
         AuditEvent(trace_id="t", actor="radstream", action="assigned", stage="worklist", at=T0,
                    detail={"reader": "dr-a"}, study_uid="1.2.3"),
+        ReaderFeedback(feedback_id="f1", trace_id="t", study_uid="1.2.3", version=1, reader_id="dr-a",
+                       action=ReadingAction.REJECT, at=T0, source_site="SITE_A", finding="hemorrhage", score=0.9),
+        row.replace(status="SIGNED", assigned_reader="dr-a", opened_at=T0, signed_at=T0 + timedelta(minutes=7)),
     ]
     assert {type(event) for event in samples} == set(SINK_TABLES)
+    assert [stage for _, r in rows_for(samples[-1]) if "stage" in r for stage in [r["stage"]]] == ["opened", "signed"]
     ddl = _ddl_columns()
     for event in samples:
         for table, values in rows_for(event, 0, 1, "topic"):

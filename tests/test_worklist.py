@@ -10,9 +10,9 @@ import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from schemas.events import Priority, WorklistUpdate
+from schemas.events import Priority, ReaderFeedback, ReadingAction, WorklistUpdate, finding_text
 from streams.roster import parse_roster
-from streams.worklist import NO_ROSTER, Worklist, WorklistState, audit_of
+from streams.worklist import NO_ROSTER, Refused, Worklist, WorklistState, audit_of
 
 NOW = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)  # Tuesday, 09:00 in Chicago
 DAY = [{"days": "daily", "start": "00:00", "end": "24:00", "tz": "America/Chicago"}]
@@ -52,6 +52,15 @@ class Stage:
 
     def tick(self, at: datetime) -> None:
         self.keep(self.worklist.tick(self.states.__getitem__, at))
+
+    def act(self, uid: str, who: str, action: ReadingAction, minutes: int, fid: str | None = None, **extra):
+        feedback = ReaderFeedback(feedback_id=fid or f"{uid}-{who}-{action.value}-{minutes}", trace_id=f"t-{uid}",
+                                  study_uid=uid, version=1, reader_id=who, action=action,
+                                  at=NOW + timedelta(minutes=minutes), source_site="SITE_A", **extra)
+        outcome = self.worklist.feedback(self.states.get(uid), feedback)
+        if outcome is not None and not isinstance(outcome, Refused):
+            self.keep([outcome])
+        return outcome
 
 
 def test_a_critical_ai_reroute_puts_the_study_above_routine_work_with_the_licensed_reader() -> None:
@@ -141,3 +150,61 @@ def test_the_book_rebuilt_from_stored_states_matches_the_one_kept_in_step() -> N
     rebuilt.rebuild(WorklistState.from_dict(s.to_dict()) for s in stage.states.values())
     for rid in ("dr-a", "dr-b"):
         assert rebuilt.book.open_of(rid) == stage.worklist.book.open_of(rid)
+
+
+AI_ROW = ("ai-critical: priority=CRITICAL",)
+
+
+def ai_row(uid: str) -> WorklistUpdate:
+    return replace(row(uid, Priority.CRITICAL, reasons=AI_ROW), ai_status="OK",
+                   ai_findings=[finding_text("hemorrhage", 0.93, "demo-head-ct", "1.0.0"),
+                                finding_text("mass_effect", 0.71, "demo-head-ct", "1.0.0")])
+
+
+def test_the_reading_loop_claims_decides_each_finding_and_signs_with_an_audit_of_each_step() -> None:
+    stage = Stage(parse_roster({"reader": [reader("dr-a"), reader("dr-b")]}, "r.toml"))
+    assigned = stage.routed(ai_row("s1")).assigned_reader
+    other = "dr-b" if assigned == "dr-a" else "dr-a"
+    assert isinstance(stage.act("s1", assigned, ReadingAction.OPEN, 1), Refused)  # not claimed yet
+    stage.act("s1", assigned, ReadingAction.CLAIM, 2)
+    assert stage.states["s1"].published().status == "IN_PROGRESS"
+    refused = stage.act("s1", other, ReadingAction.CLAIM, 3)
+    assert isinstance(refused, Refused) and refused.reason == f"in progress by {assigned}"
+    stage.act("s1", assigned, ReadingAction.OPEN, 4)
+    stage.act("s1", assigned, ReadingAction.ACCEPT, 5, finding="hemorrhage", score=0.93)
+    stage.act("s1", assigned, ReadingAction.MODIFY, 6, finding="mass_effect", modified_to="mild mass effect")
+    unknown = stage.act("s1", assigned, ReadingAction.REJECT, 7, finding="pneumothorax")
+    assert "no AI finding 'pneumothorax' in version 1" in unknown.reason
+    stage.act("s1", assigned, ReadingAction.SIGN, 9, report_text="Acute hemorrhage.")
+    signed = stage.states["s1"].published()
+    assert (signed.status, signed.assigned_reader) == ("SIGNED", assigned)
+    assert (signed.opened_at, signed.signed_at) == (NOW + timedelta(minutes=4), NOW + timedelta(minutes=9))
+    assert signed.reader_decisions == ["hemorrhage: ACCEPT", "mass_effect: MODIFY -> mild mass effect"]
+    assert stage.worklist.book.get("s1") is None  # off the reader's open list
+    assert [a.action for a in stage.audit[1:]] == ["reader-claim", "reader-open", "reader-accept", "reader-modify",
+                                                   "reader-sign"]
+    assert all(a.actor == assigned and a.stage == "reading" and a.trace_id == "t-s1" for a in stage.audit[1:])
+    assert stage.audit[-1].detail["undecided_findings"] == ""
+    assert isinstance(stage.act("s1", assigned, ReadingAction.RELEASE, 10), Refused)  # signed is final
+
+
+def test_a_replayed_action_changes_nothing_and_a_release_puts_the_study_back_unread() -> None:
+    stage = Stage(parse_roster({"reader": [reader("dr-a")]}, "r.toml"))
+    stage.routed(ai_row("s1"))
+    claim = stage.act("s1", "dr-a", ReadingAction.CLAIM, 1, fid="f-1")
+    assert claim.action == "reader-claim"
+    assert stage.act("s1", "dr-a", ReadingAction.CLAIM, 1, fid="f-1") is None  # the same feedback again
+    stage.act("s1", "dr-a", ReadingAction.RELEASE, 2)
+    released = stage.states["s1"].published()
+    assert (released.status, released.assigned_reader) == ("UNREAD", "dr-a")
+    assert stage.worklist.book.get("s1").status == "UNREAD"
+
+
+def test_claiming_another_readers_study_moves_it_and_says_so() -> None:
+    stage = Stage(parse_roster({"reader": [reader("dr-a")]}, "r.toml"))
+    stage.routed(ai_row("s1"))
+    moved = stage.act("s1", "dr-z", ReadingAction.CLAIM, 3)
+    assert moved.previous_reader == "dr-a" and moved.state.reader_id == "dr-z"
+    assert moved.state.reasons[0] == "claimed by dr-z (was dr-a)"
+    assert stage.worklist.book.get("s1").reader_id == "dr-z"
+    assert isinstance(stage.worklist.feedback(None, moved.feedback), Refused)  # unknown study
