@@ -329,7 +329,7 @@ def test_radstream_up_runs_the_whole_runtime_and_stops_clean(settings: Settings,
         up = _up_json(settings)
         pids = [child["pid"] for child in up["children"].values()]
         assert set(up["children"]) == {"broker", "warehouse", "worker", "inference", "dicom-gateway",
-                                           "hl7-gateway", "stow-gateway"}
+                                           "hl7-gateway", "stow-gateway", "reading-api"}
         assert f"RADSTREAM@127.0.0.1:{settings.dicom.port}" in run.stdout
 
         _wait_for(lambda: "studies on the worklist" in run.stdout, 120, "the demo's worklist", run.proc,
@@ -370,12 +370,12 @@ def test_sigkill_of_the_whole_runtime_leaves_no_process_or_port(settings: Settin
         run.wait_ready(timeout_s=120)
         children = _up_json(settings)["children"]
         assert set(children) == {"broker", "warehouse", "worker", "inference", "dicom-gateway", "hl7-gateway",
-                                 "stow-gateway"}
+                                 "stow-gateway", "reading-api"}
         pids = [child["pid"] for child in children.values()]
         run.proc.send_signal(signal.SIGKILL)
         run.proc.wait(timeout=10)
         ports = [settings.kafka.embedded_port, settings.warehouse.embedded_port, settings.dicom.port,
-                 settings.worker.web_port, settings.hl7.port, settings.stow.port]
+                 settings.worker.web_port, settings.hl7.port, settings.stow.port, settings.reading.port]
         _assert_nothing_left(pids, ports, str(tmp_path), timeout_s=15)
     finally:
         run.kill()
