@@ -53,6 +53,10 @@ def producer_config(settings: Settings, **extra: object) -> dict[str, object]:
     }
 
 
+class EndOffsetsTimeout(TimeoutError):
+    """The true end of a partition could not be read in time (broker down or restarting)."""
+
+
 def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
     """The offset after the last record of each ``(topic, partition)``, exactly.
 
@@ -60,6 +64,7 @@ def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: fl
     partition's last record batch + 1, so a batch of 3 records reads as 1. Fetch
     responses carry the true high watermark, so each non-empty partition is read from
     its reported end - 1 to end-of-partition. On Kafka that reads one record each.
+    Raises :class:`EndOffsetsTimeout` rather than return an end it could not confirm.
     """
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
@@ -85,6 +90,9 @@ def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: fl
                 elif msg.error().code() == KafkaError._PARTITION_EOF:
                     ends[key] = max(ends[key], msg.offset())
                     pending.discard(key)
+            if pending:  # an under-reported end is worse than none: its reader would skip records silently
+                raise EndOffsetsTimeout(f"could not read to the end of {', '.join(f'{t}[{p}]' for t, p in sorted(pending))} "
+                                        f"within {timeout_s:g}s; the broker may be restarting")
         return ends
     finally:
         consumer.close()

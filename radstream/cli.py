@@ -574,6 +574,8 @@ from radstream import report_cli  # noqa: E402
 report_cli.register(cli, config_option, _settings, format_rows, rows_table)
 from radstream import reading_cli  # noqa: E402
 reading_cli.register(cli, config_option, _settings)
+from radstream import load_cli  # noqa: E402
+load_cli.register(cli, config_option, _settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -587,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.Abort:
         _err("aborted")
         sys.exit(1)
-    except (SettingsError, PortInUseError) as exc:
+    except (SettingsError, PortInUseError, TimeoutError) as exc:  # TimeoutError: a broker not answering in time
         _err(str(exc))
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -20,17 +20,27 @@ from collections.abc import Mapping
 from typing import Any
 
 from adapters.telemetry import get_logger
-from adapters.kafka import end_offsets
+from adapters.kafka import EndOffsetsTimeout, end_offsets
 
 log = get_logger("radstream.offsets")
 
 _installed = False
 
 
-def true_end_offsets(bootstrap: str, reported: Mapping[Any, int]) -> dict[Any, int]:
+def true_end_offsets(bootstrap: str, reported: Mapping[Any, int], *, attempts: int = 6,
+                     timeout_s: float = 10.0) -> dict[Any, int]:
     """``reported`` end offsets (keyed by Faust/aiokafka TopicPartition), made exact."""
     keys = {(tp.topic, tp.partition): tp for tp in reported}
-    exact = end_offsets(bootstrap, list(keys))
+    for attempt in range(1, attempts + 1):
+        try:
+            exact = end_offsets(bootstrap, list(keys), timeout_s=timeout_s)
+            break
+        except EndOffsetsTimeout as exc:
+            # recovering to a short end would leave the table without its newest state while the
+            # source offsets that made it are committed: wait for the broker, never settle for less
+            if attempt == attempts:
+                raise
+            log.warning("changelog end offsets not confirmed yet; retrying", attempt=attempt, error=str(exc))
     ends = {}
     for key, tp in keys.items():
         ends[tp] = max(reported[tp] or 0, exact.get(key, 0))

@@ -25,6 +25,7 @@ from pydicom.uid import generate_uid
 
 from radstream import procs
 from radstream.send import send_files
+from schemas.events import trace_id_for
 from schemas.settings import Settings
 from adapters.warehouse import connect, current_worklist
 
@@ -118,6 +119,23 @@ def wait_for_studies(settings: Settings, expected: dict[str, int], timeout_s: fl
         time.sleep(1)
 
 
+def diagnosis(settings: Settings, studies: dict[str, list[Path]], counts: dict[str, int],
+              acknowledged: dict[str, int]) -> str:
+    """What the gateway and the worker logged about each study that came out wrong: a loss
+    under a broker crash is rare, and the logs are gone with the test's temporary folder."""
+    logs = Path(settings.data_dir) / "logs"
+    lines = [f"worklist {counts} != acknowledged {acknowledged}"]
+    for uid in (u for u in acknowledged if counts.get(u) != acknowledged[u]):
+        sops = [dcmread(path, stop_before_pixels=True).SOPInstanceUID for path in studies[uid]]
+        needles = [uid, trace_id_for(uid), *sops]
+        for name in ("dicom-gateway.log", "worker.log"):
+            text = (logs / name).read_text(errors="replace") if (logs / name).exists() else ""
+            lines += [f"{name}: {line[:400]}" for line in text.splitlines() if any(n in line for n in needles)]
+        lines += [f"worker.log: {line[:300]}" for line in (logs / "worker.log").read_text(errors="replace").splitlines()
+                  if "Recovery" in line or "rebalanc" in line.lower() or "end offset" in line]
+    return "\n".join(lines[-200:])
+
+
 def assert_each_exactly_once(settings: Settings, expected: dict[str, int]) -> None:
     client = connect(settings)
     try:
@@ -181,5 +199,6 @@ def test_sigkill_of_the_broker_while_studies_flow_ends_with_every_acknowledged_s
         assert not report.failed, f"the gateway still refuses after the broker came back: {report.failed}"
         acknowledged[uid] = len(studies[uid])
     rows = wait_for_studies(settings, acknowledged)
-    assert {r["study_uid"]: r["instance_count"] for r in rows} == acknowledged
+    counts = {r["study_uid"]: r["instance_count"] for r in rows}
+    assert counts == acknowledged, diagnosis(settings, studies, counts, acknowledged)
     assert_each_exactly_once(settings, acknowledged)
