@@ -498,6 +498,100 @@ class WorklistUpdate(Record):
     reader_decisions: list[str] = field(default_factory=list)  # "label: ACCEPT", "label: MODIFY -> text"
 
 
+class ResultStatus(str, enum.Enum):
+    """Where a study's result stands, as every output says it (HL7 OBR-25/OBX-11 P, F, C;
+    FHIR preliminary, final, amended; SR preliminary/verified flags)."""
+
+    PRELIMINARY = "PRELIMINARY"  # AI findings and the draft report, nobody signed yet
+    FINAL = "FINAL"  # signed by a reader
+    CORRECTED = "CORRECTED"  # replaces a result already sent: a rejected finding, changes after signing, a new version
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultFinding(Record):
+    """One AI finding as results carry it: its codes, and the reader's decision once made."""
+
+    label: str
+    model: str
+    model_version: str
+    confidence: float
+    critical: bool
+    codes: list[CodedConcept]
+    decision: str | None = None  # ACCEPT / REJECT / MODIFY; None: not decided (yet)
+    modified_to: str | None = None  # MODIFY: what the reader reports instead
+    location: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyResult(Record):
+    """Identified zone: one revision of a study's result, the one thing every output
+    (DICOM SR, HL7 ORU^R01, FHIR DiagnosticReport, webhook) is built from.
+
+    A new revision is published only when what the outputs would say changes; ``replaces``
+    names the revision a CORRECTED one amends. Outputs are idempotent by
+    ``trace_id`` + ``revision`` + destination.
+    """
+
+    SCHEMA: ClassVar[str] = "study_result"
+    trace_id: str
+    study_uid: str  # the ORIGINAL StudyInstanceUID: results go back to the site's systems
+    version: int  # the assembly version the result is of
+    revision: int  # 1, 2, ... per study: one per change of content
+    status: ResultStatus
+    issued_at: datetime
+    source_site: str
+    modalities: list[str]
+    priority: Priority
+    critical: bool
+    findings: list[ResultFinding]
+    instances: list[InstanceRef]  # the source images by their original UIDs
+    report_text: str  # the draft preliminary report, or the signed text once FINAL
+    changes: list[str]  # why this revision: "first AI result", "finding ich rejected", "signed", ...
+    ai_status: str = "NONE"
+    ai_reason: str | None = None
+    replaces: int | None = None  # the revision a CORRECTED result amends
+    accession_number: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_description: str | None = None
+    referring_physician: str | None = None
+    reason_for_exam: str | None = None
+    prior_summary: str | None = None
+    reader_id: str | None = None
+    signed_at: datetime | None = None
+
+
+class DeliveryStatus(str, enum.Enum):
+    QUEUED = "QUEUED"  # waiting for its first attempt (or the destination's breaker)
+    SENT = "SENT"  # handed over; the protocol has no acknowledgement beyond that
+    ACKED = "ACKED"  # the receiver acknowledged it (C-STORE success, HL7 AA, HTTP 2xx)
+    FAILED = "FAILED"  # an attempt failed; another follows after the backoff
+    DEAD = "DEAD"  # attempts ran out or the receiver refused it for good: dead-lettered
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultDelivery(Record):
+    """One output of one result revision to one destination, each time its state changes."""
+
+    SCHEMA: ClassVar[str] = "result_delivery"
+    trace_id: str
+    study_uid: str
+    revision: int
+    destination: str  # the destination's name in the results configuration
+    kind: str  # sr / oru / fhir / webhook
+    status: DeliveryStatus
+    attempts: int
+    at: datetime
+    result_status: ResultStatus
+    document_id: str | None = None  # SR SOP Instance UID, HL7 message control id, FHIR id, webhook id
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class AssignmentTick(Record):
     """The reader-assignment clock: published by the assignment worker's timer and read back
@@ -653,5 +747,7 @@ EVENT_TYPES: dict[str, type[Record]] = {
         StudyLink,
         AssignmentTick,
         ReaderFeedback,
+        StudyResult,
+        ResultDelivery,
     )
 }

@@ -242,6 +242,27 @@ class ReadingSettings(_Group):
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger requests are refused (413)")
 
 
+class ResultsSettings(_Group):
+    """Results out: every revision of a study's result goes to the destinations of its site.
+
+    ``destinations_file`` (TOML, one ``[destinations.NAME]`` table each with ``kind``
+    sr/oru/fhir/webhook, ``sites`` and the protocol's address) says where; with none, results
+    are kept (outbox topic, warehouse) and sent nowhere. A failed send is retried with
+    exponential backoff and jitter up to ``max_attempts``, then dead-lettered; a destination
+    that keeps failing is taken out by its circuit breaker for ``breaker_reset_s``.
+    """
+
+    enabled: bool = Field(True, description="build results from AI results and reader actions")
+    destinations_file: Path | None = Field(None, description="TOML [destinations.NAME] file: kind, sites, address")
+    max_attempts: int = Field(6, ge=1, le=100)
+    backoff_s: float = Field(1.0, gt=0, description="first retry delay; doubles each attempt, with full jitter")
+    max_backoff_s: float = Field(60.0, gt=0)
+    breaker_failures: int = Field(5, ge=1, description="consecutive failures that open a destination's circuit")
+    breaker_reset_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(15.0, gt=0, description="one attempt's network timeout")
+    alert_ack_s: int = Field(600, ge=10, description="a critical alert unacknowledged this long escalates")
+
+
 class BlobSettings(_Group):
     """Claim-check store for instance bytes; pixel data never rides on Kafka.
 
@@ -397,6 +418,7 @@ _GROUPS: dict[str, type[_Group]] = {
     "deid": DeidSettings,
     "ai": AiSettings,
     "priors": PriorsSettings,
+    "results": ResultsSettings,
 }
 
 
@@ -454,6 +476,7 @@ class Settings(BaseSettings):
     deid: DeidSettings = DeidSettings()
     ai: AiSettings = AiSettings()
     priors: PriorsSettings = PriorsSettings()
+    results: ResultsSettings = ResultsSettings()
 
     @classmethod
     def settings_customise_sources(

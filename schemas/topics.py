@@ -26,10 +26,12 @@ from schemas.events import (
     ReaderFeedback,
     Record,
     ResultByPatient,
+    ResultDelivery,
     RoutingDecision,
     StudyAssembled,
     StudyDeidentified,
     StudyLink,
+    StudyResult,
     WorklistUpdate,
 )
 from schemas.settings import Settings
@@ -97,6 +99,10 @@ ASSIGNMENT_TICK = TopicSpec("assignment.tick", AssignmentTick, "at", fixed_key="
 READING_FEEDBACK = TopicSpec("reading.feedback", ReaderFeedback, "study_uid", fixed_key="network")
 #: identified zone: the reader actions the worklist applied, in order, keyed by study (warehouse, results out)
 READING_APPLIED = TopicSpec("reading.applied", ReaderFeedback, "study_uid")
+#: identified zone: each revision of a study's result, the outbox every output is sent from
+RESULTS_OUTBOX = TopicSpec("results.outbox", StudyResult, "study_uid")
+#: identified zone: each output's delivery state (queued, sent, acked, failed, dead)
+RESULTS_DELIVERY = TopicSpec("results.delivery", ResultDelivery, "study_uid")
 #: the de-identified zone: every event here must be free of PHI (``radstream phi-scan`` checks)
 DEIDENTIFIED_TOPICS: tuple[TopicSpec, ...] = (STUDY_DEIDENTIFIED, INFERENCE_RESULT, INFERENCE_PRIORITY, INFERENCE_RETRY,
                                               PRIOR_COMPARISON, PRIORS_STUDY_BY_PATIENT, PRIORS_RESULT_BY_PATIENT)
@@ -130,6 +136,8 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     ASSIGNMENT_TICK,
     READING_FEEDBACK,
     READING_APPLIED,
+    RESULTS_OUTBOX,
+    RESULTS_DELIVERY,
 )
 
 
