@@ -275,7 +275,8 @@ WORKLIST_COLUMNS = (
     ("modality", "mod"), ("body_part", "body part"), ("study_description", "description"),
     ("reason_for_exam", "indication"),
     ("subspecialty", "subspecialty"), ("source_site", "site"), ("instance_count", "inst"),
-    ("status", "status"), ("ai_status", "AI"), ("ai_findings", "AI findings"), ("study_uid", "study"),
+    ("status", "status"), ("ai_status", "AI"), ("ai_findings", "AI findings"), ("deliveries", "results out"),
+    ("study_uid", "study"),
     ("reasons", "reasons"),
 )
 
@@ -574,8 +575,9 @@ from radstream import report_cli  # noqa: E402
 report_cli.register(cli, config_option, _settings, format_rows, rows_table)
 from radstream import reading_cli  # noqa: E402
 reading_cli.register(cli, config_option, _settings)
-from radstream import load_cli  # noqa: E402
+from radstream import load_cli, results_cli  # noqa: E402
 load_cli.register(cli, config_option, _settings)
+results_cli.register(cli, config_option, _settings, format_rows, rows_table)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -146,6 +146,20 @@ def inference_spec(settings: Settings) -> ChildSpec:
     )
 
 
+def delivery_spec(settings: Settings) -> ChildSpec:
+    """Results delivery (its own consumer group): ready once it owns the outbox's partitions."""
+    ready_file = settings.data_dir.resolve() / "run" / "delivery.ready"
+    results = settings.results
+    return ChildSpec(
+        name="delivery",
+        argv=procs.python_module("streams", "delivery"),
+        ready=file_ready(ready_file),
+        reset=_unlink(ready_file),
+        summary=f"results out to the destinations of {results.destinations_file}, up to {results.max_attempts} "
+                f"attempts each, circuit opens after {results.breaker_failures} failures",
+    )
+
+
 def gateway_specs(settings: Settings) -> list[ChildSpec]:
     """The gateways, each ready once it listens: the DICOM C-STORE/C-ECHO SCP (PS3.4 Annex B),
     the HL7 v2 MLLP listener for orders and ADT updates (HL7 v2.5 Appendix C) and the
@@ -228,7 +242,9 @@ def default_specs(settings: Settings) -> list[ChildSpec]:
     return [
         *([store] if store else []),
         broker_spec(settings), warehouse_spec(settings), worker_spec(settings),
-        *([inference_spec(settings)] if settings.ai.enabled else []), *gateway_specs(settings),
+        *([inference_spec(settings)] if settings.ai.enabled else []),
+        *([delivery_spec(settings)] if settings.results.enabled and settings.results.destinations_file else []),
+        *gateway_specs(settings),
     ]
 
 

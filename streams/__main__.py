@@ -1,10 +1,11 @@
-"""``python -m streams worker|inference``: run a Faust worker on the configured broker.
+"""``python -m streams worker|inference|delivery``: run a worker on the configured broker.
 
 ``worker`` runs the stream stages; ``inference`` runs the AI pre-read stage in its own
 process and consumer group (``{prefix}-inference``), so that GPU workers scale apart
 from stream workers. Reads settings from ``RADSTREAM_*`` (the supervisor exports them).
 When the consumer group has its partitions and the tables are recovered it writes
-``DATA_DIR/run/{worker,inference}.ready``, which ``radstream up`` waits for.
+``DATA_DIR/run/{worker,inference}.ready``, which ``radstream up`` waits for. ``delivery``
+sends results to their destinations (:mod:`streams.delivery`; a plain consumer, not Faust).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ ROLES = {"worker": "streams", "inference": "inference"}
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["delivery"]:
+        from streams.delivery import main as delivery
+
+        return delivery()
     if len(argv) != 1 or argv[0] not in ROLES:
-        print("usage: python -m streams worker|inference", file=sys.stderr)
+        print("usage: python -m streams worker|inference|delivery", file=sys.stderr)
         return 2
     command = argv[0]
 

@@ -13,12 +13,12 @@ import faust
 
 from schemas.codec import Codec
 from schemas.settings import Settings
-from streams import assemble, deidentify, offsets_compat, orders, preread, priors, relink, route, sink, worklist
+from streams import assemble, deidentify, offsets_compat, orders, preread, priors, relink, results, route, sink, worklist
 from streams.context import StreamContext
 
 #: the stream worker's stages in pipeline order.
 #: Of the stages reading one topic, the first here dead-letters its bad messages.
-STAGES = (assemble, deidentify, orders, relink, priors, route, worklist, sink)
+STAGES = (assemble, deidentify, orders, relink, priors, route, worklist, results, sink)
 #: the AI worker's (``python -m streams inference``): its own process and consumer group,
 #: so that GPU workers scale apart from stream workers
 INFERENCE_STAGES = (preread,)

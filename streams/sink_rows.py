@@ -23,9 +23,11 @@ from schemas.events import (
     PatientUpdated,
     ReaderFeedback,
     Record,
+    ResultDelivery,
     RoutingDecision,
     StudyAssembled,
     StudyLink,
+    StudyResult,
     WorklistUpdate,
 )
 from schemas.topics import (
@@ -37,6 +39,8 @@ from schemas.topics import (
     ORDER_RECEIVED,
     PATIENT_UPDATED,
     READING_APPLIED,
+    RESULTS_DELIVERY,
+    RESULTS_OUTBOX,
     ROUTING_DECISION,
     STUDY_ASSEMBLED,
     STUDY_LINK,
@@ -153,6 +157,16 @@ def dead_letter_row(letter: DeadLetter, position: Position) -> Row:
             "dlq_topic": position.topic, "dlq_partition": position.partition, "dlq_offset": position.offset}
 
 
+_result_columns = columns("study_uid", "revision", "trace_id", "version", "status", "replaces", "issued_at",
+                          "source_site", "priority", "critical", "changes", "report_text", "reader_id", "signed_at")
+
+
+def result_row(result: StudyResult, position: Position) -> Row:
+    return {**_result_columns(result, position),
+            "findings": [f"{f.label} {f.decision or 'UNDECIDED'} ({f.model} {f.model_version}) {f.confidence:.2f}"
+                         for f in result.findings]}
+
+
 #: event type -> the rows it becomes, each (warehouse table, row builder)
 SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
     WorklistUpdate: (("worklist", worklist_row), ("stage_events", reading_stages)),
@@ -176,6 +190,10 @@ SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
         "patient_birth_date", "patient_sex", "patient_location", "patient_state")),),
     DeadLetter: (("dead_letters", dead_letter_row),),
     InferenceResult: (("inference_results", model_run_rows),),  # a row per model run
+    StudyResult: (("results", result_row),),
+    ResultDelivery: (("deliveries", columns(
+        "study_uid", "revision", "destination", "trace_id", "kind", "status", "attempts", "at", "result_status",
+        "document_id", "error", "next_attempt_at")),),
     ReaderFeedback: (("reader_feedback", columns(
         "feedback_id", "at", "trace_id", "study_uid", "version", "reader_id", "action", "source_site", "finding",
         "model", "score", "modified_to", "comment", "report_text")),),
@@ -183,7 +201,7 @@ SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
 
 #: the topics the sink writes to the warehouse; dead letters and quarantined instances among them
 SINK_TOPICS = (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER, ORDER_RECEIVED, PATIENT_UPDATED,
-               STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT, AUDIT, READING_APPLIED)
+               STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT, AUDIT, READING_APPLIED, RESULTS_OUTBOX, RESULTS_DELIVERY)
 
 
 def rows_for(event: Record, partition: int = -1, offset: int = -1, topic: str = "") -> list[tuple[str, Row]]:

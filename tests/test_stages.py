@@ -337,7 +337,8 @@ def _inference_result():
 
 
 def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
-    from schemas.events import Alert, AuditEvent, DeadLetter, PatientUpdated, ReaderFeedback, ReadingAction, StudyLink
+    from schemas.events import (Alert, AuditEvent, DeadLetter, DeliveryStatus, PatientUpdated, ReaderFeedback,
+                                ReadingAction, ResultDelivery, ResultFinding, ResultStatus, StudyLink, StudyResult)
     from streams.sink_rows import SINK_TABLES, SINK_TOPICS
 
     assert {spec.event for spec in SINK_TOPICS} == set(SINK_TABLES)
@@ -357,6 +358,14 @@ def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
                    detail={"reader": "dr-a"}, study_uid="1.2.3"),
         ReaderFeedback(feedback_id="f1", trace_id="t", study_uid="1.2.3", version=1, reader_id="dr-a",
                        action=ReadingAction.REJECT, at=T0, source_site="SITE_A", finding="hemorrhage", score=0.9),
+        StudyResult(trace_id="t", study_uid="1.2.3", version=1, revision=2, status=ResultStatus.CORRECTED,
+                    issued_at=T0, source_site="SITE_A", modalities=["CT"], priority=Priority.CRITICAL, critical=True,
+                    findings=[ResultFinding(label="ich", model="m", model_version="1", confidence=0.9, critical=True,
+                                            codes=[], decision="REJECT")],
+                    instances=[], report_text="draft", changes=["finding ich reject"], replaces=1),
+        ResultDelivery(trace_id="t", study_uid="1.2.3", revision=2, destination="pacs", kind="sr",
+                       status=DeliveryStatus.ACKED, attempts=1, at=T0, result_status=ResultStatus.CORRECTED,
+                       document_id="2.25.1"),
         row.replace(status="SIGNED", assigned_reader="dr-a", opened_at=T0, signed_at=T0 + timedelta(minutes=7)),
     ]
     assert {type(event) for event in samples} == set(SINK_TABLES)
