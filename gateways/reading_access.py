@@ -32,13 +32,16 @@ ROLES = ("reader", "admin", "analyst")
 ALL_SITES = "*"
 
 #: role -> what it may do. "own" worklist: the reader's own list; "study" permissions need the study's site.
+#: "alerts" lists critical alerts (only those of studies whose AI output the user may view); "alert.ack"
+#: acknowledges one: readers of the study's site and admins, who answer for the network's escalations.
 POLICY: dict[str, frozenset[str]] = {
-    "reader": frozenset({"worklist.own", "study.view", "ai.view", "study.read"}),
-    "admin": frozenset({"worklist.any", "worklist.unassigned", "network", "study.view", "ai.view"}),
+    "reader": frozenset({"worklist.own", "study.view", "ai.view", "study.read", "alerts", "alert.ack"}),
+    "admin": frozenset({"worklist.any", "worklist.unassigned", "network", "study.view", "ai.view", "alerts",
+                        "alert.ack"}),
     "analyst": frozenset({"network"}),
 }
 #: permissions that hold only for studies of the user's sites
-PER_SITE = frozenset({"study.view", "ai.view", "study.read"})
+PER_SITE = frozenset({"study.view", "ai.view", "study.read", "alert.ack"})
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

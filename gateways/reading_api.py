@@ -18,12 +18,19 @@ GET    ``/api/v1/studies/{uid}``                the study's row, without its AI 
 GET    ``/api/v1/studies/{uid}/ai``             its AI output and the reader's decisions (audited)
 POST   ``/api/v1/studies/{uid}/claim|open|release|sign``   ``sign`` takes ``{"report": text}``
 POST   ``/api/v1/studies/{uid}/findings/{label}``   ``{"decision": accept|reject|modify, ...}``
+GET    ``/api/v1/alerts[?open=true|false]``     critical alerts: unacknowledged (default) or all (audited)
+POST   ``/api/v1/studies/{uid}/alerts/ack``     ``{"finding": label, "note": text}``: acknowledge its alert
 =====  =======================================  ===============================================
 
 Every access to a study's AI output is an :class:`AuditEvent` with the study's trace_id
 (who, what, when), and so is every refusal: 401 (no or unknown token), 403 (the role or
 the study's site does not allow it). A request body that is not the JSON object an
 action takes gets 400 and a dead letter with the reason.
+
+A critical finding's alert escalates until someone acknowledges it (:mod:`streams.alerts`): readers
+of the study's site and admins acknowledge it by finding; the :class:`AlertAck` is published,
+acknowledged, on ``alert.ack`` and audited, and answered 200 (the alerts stage cannot refuse it: an
+escalation already on its way is the only thing it may not stop).
 """
 
 from __future__ import annotations
@@ -45,18 +52,19 @@ from adapters.blobs import open_blob_store
 from adapters.warehouse import WarehouseError, query_rows
 from gateways.deadletter import DeadLetters
 from gateways.publisher import EventPublisher, PublishError
-from gateways.reading_access import User, Users, load_users
+from gateways.reading_access import PER_SITE, User, Users, load_users
 from gateways.serving import GatewayProcess, run, server_tls_context
 from schemas.blobs import sha256_hex
-from schemas.events import AuditEvent, ReaderFeedback, ReadingAction, parse_finding_text, utcnow
+from schemas.events import AlertAck, AuditEvent, ReaderFeedback, ReadingAction, parse_finding_text, utcnow
 from schemas.settings import Settings
-from schemas.topics import AUDIT, READING_FEEDBACK
+from schemas.topics import ALERT_ACK, AUDIT, READING_FEEDBACK
 
 log = logging.getLogger("radstream.gateways.reading")
 STAGE = "reading-api"
 MAX_WAIT_S = 30.0
 #: what the worklist listings leave out: AI output is read per study, where each access is audited
-_NOT_LISTED = ("ai_findings", "ai_reason", "reader_decisions")
+#: AI output, shown only by the audited AI endpoint: the draft report words the AI findings too
+_NOT_LISTED = ("ai_findings", "ai_reason", "reader_decisions", "report_text")
 _DECISIONS = {"accept": ReadingAction.ACCEPT, "reject": ReadingAction.REJECT, "modify": ReadingAction.MODIFY}
 _ACTIONS = {"claim": ReadingAction.CLAIM, "open": ReadingAction.OPEN, "release": ReadingAction.RELEASE,
             "sign": ReadingAction.SIGN}
@@ -102,6 +110,8 @@ class ReadingApi:
         app.router.add_get("/api/v1/studies/{uid}/ai", self.ai_output)
         app.router.add_post("/api/v1/studies/{uid}/findings/{label}", self.decide)
         app.router.add_post("/api/v1/studies/{uid}/{action:claim|open|release|sign}", self.act)
+        app.router.add_get("/api/v1/alerts", self.alerts)
+        app.router.add_post("/api/v1/studies/{uid}/alerts/ack", self.acknowledge)
         return app
 
     # ------------------------------------------------------------ plumbing
@@ -165,8 +175,7 @@ class ReadingApi:
     @staticmethod
     def _require(user: User, permission: str, site: str | None = None, audit: str = "access-denied") -> None:
         if not user.may(permission, site):
-            where = f" at site {site}" if site is not None and permission in ("study.view", "ai.view", "study.read") \
-                else ""
+            where = f" at site {site}" if site is not None and permission in PER_SITE else ""
             raise Refusal(403, "forbidden", f"{user.role} {user.id} may not {permission}{where}", audit=audit)
 
     async def _study(self, request: web.Request) -> dict[str, Any]:
@@ -239,7 +248,10 @@ class ReadingApi:
                           findings=",".join(f["label"] for f in findings))
         return answer({"study_uid": row["study_uid"], "version": row["version"], "trace_id": row["trace_id"],
                        "ai_status": row["ai_status"], "ai_reason": row.get("ai_reason"), "findings": findings,
-                       "priority": row["priority"], "reasons": row["reasons"]})
+                       "priority": row["priority"], "reasons": row["reasons"],
+                       # the latest result: the draft preliminary report to edit and sign, or what was signed
+                       "report_text": row.get("report_text"), "result_status": row.get("result_status"),
+                       "result_revision": row.get("result_revision")})
 
     # ------------------------------------------------------------ actions
 
@@ -292,6 +304,55 @@ class ReadingApi:
                 return answer({**body, "outcome": "applied"})
         return answer(body, status=202)
 
+    # ------------------------------------------------------------ critical alerts
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        """Critical alerts of the studies whose AI output the user may view, most overdue first:
+        unacknowledged ones (``open=true``, the default) or every one. An alert names an AI finding,
+        so each study listed is audited as an access to its AI output."""
+        user = self._user(request)
+        self._require(user, "alerts")
+        open_only = _flag(request, "open", True)
+        rows = await self._query("alerts", open_only=int(open_only), study_uid="", limit=_limit(request))
+        visible = [row for row in rows if user.may("ai.view", row.get("source_site"))]
+        studies = {row["study_uid"]: row["trace_id"] for row in visible}
+        await asyncio.gather(*(self._audit(request, "alerts-viewed", actor=user.id, trace_id=trace_id,
+                                           study_uid=study_uid, role=user.role,
+                                           findings=",".join(r["finding"] for r in visible
+                                                             if r["study_uid"] == study_uid))
+                               for study_uid, trace_id in studies.items()))
+        return answer({"open": open_only, "alerts": visible})
+
+    async def acknowledge(self, request: web.Request) -> web.Response:
+        """Acknowledge the study's critical alert for ``finding`` (any version): its escalation stops."""
+        user = self._user(request)
+        body = await self._body(request)
+        finding, note = _text(body, "finding"), _text(body, "note")
+        if not finding:
+            raise Refusal(400, "bad_request", 'an acknowledgement names the alert\'s finding: {"finding": "<label>"}')
+        row = await self._study(request)
+        self._require(user, "alert.ack", row["source_site"], audit="alert-ack-denied")
+        alerts = await self._query("alerts", open_only=0, study_uid=row["study_uid"], limit=1000)
+        alert = next((a for a in alerts if a["finding"] == finding), None)
+        if alert is None:
+            raise Refusal(409, "unknown_alert", f"no critical alert for finding {finding!r} on study "
+                                                f"{row['study_uid']} (alerts: "
+                                                f"{', '.join(a['finding'] for a in alerts) or 'none'})")
+        answered = {"study_uid": row["study_uid"], "finding": finding, "version": alert["version"],
+                    "escalation_level": alert["escalation_level"], "ack_deadline": alert["ack_deadline"]}
+        if alert["acknowledged_at"] is not None:
+            return answer({**answered, "outcome": "acknowledged-already", "acknowledged_by": alert["acknowledged_by"],
+                           "acknowledged_at": alert["acknowledged_at"]})
+        ack = AlertAck(trace_id=alert["trace_id"], study_uid=row["study_uid"], version=alert["version"],
+                       finding=finding, actor=user.id, at=utcnow(), note=note)
+        await self._publish(ALERT_ACK, ack)
+        await self._audit(request, "alert-ack", actor=user.id, trace_id=ack.trace_id, study_uid=ack.study_uid,
+                          role=user.role, finding=finding, version=str(ack.version),
+                          escalation_level=str(alert["escalation_level"]))
+        log.info("%s acknowledged the %s alert of %s (level %s)", user.id, finding, ack.study_uid,
+                 alert["escalation_level"])
+        return answer({**answered, "outcome": "acknowledged", "acknowledged_by": user.id, "acknowledged_at": ack.at})
+
     async def _outcome(self, study_uid: str, feedback_id: str, wait: float) -> tuple[str, str] | None:
         deadline = asyncio.get_running_loop().time() + wait
         while True:
@@ -301,6 +362,16 @@ class ReadingApi:
             if asyncio.get_running_loop().time() >= deadline:
                 return None
             await asyncio.sleep(0.2)
+
+
+def _flag(request: web.Request, name: str, default: bool) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    value = {"true": True, "1": True, "false": False, "0": False}.get(raw.lower())
+    if value is None:
+        raise Refusal(400, "bad_request", f"{name} must be true or false, got {raw!r}")
+    return value
 
 
 def _text(body: dict[str, Any], key: str) -> str | None:

@@ -68,7 +68,7 @@ def register(cli: click.Group, config_option, settings_of) -> None:
     @click.option("--wait", default=10.0, show_default=True, help="seconds an action waits for the worklist")
     @click.pass_context
     def read(ctx: click.Context, token: str, url: str | None, wait: float) -> None:
-        """Read studies through the reading API: worklist, AI output, claim, open, decide, sign."""
+        """Read studies through the reading API: worklist, AI output, claim, open, decide, sign; critical alerts."""
         ctx.obj = {"token": token, "url": url or api_url(settings_of(ctx)), "wait": wait}
 
     def run(ctx: click.Context, path: str, method: str = "GET", body: dict | None = None, **query) -> None:
@@ -98,11 +98,18 @@ def register(cli: click.Group, config_option, settings_of) -> None:
         """My worklist: open studies, priority then SLA deadline."""
         run(ctx, "/worklist", **({"reader": reader} if reader else {}))
 
+    @read.command("study")
+    @study
+    @click.pass_context
+    def show(ctx: click.Context, uid: str) -> None:
+        """The study's worklist row (the AI output and the draft report: read ai)."""
+        run(ctx, f"/studies/{quote(uid)}")
+
     @read.command("ai")
     @study
     @click.pass_context
     def ai(ctx: click.Context, uid: str) -> None:
-        """The study's AI output and the decisions taken on it (audited)."""
+        """The study's AI output, the decisions taken on it and the draft report to edit and sign (audited)."""
         run(ctx, f"/studies/{quote(uid)}/ai")
 
     for name, summary in (("claim", "Take the study and start reading it."), ("open", "Record that it was opened."),
@@ -136,3 +143,20 @@ def register(cli: click.Group, config_option, settings_of) -> None:
         """Sign the study (ends the read)."""
         text = report_file.read() if report_file is not None else report
         run(ctx, f"/studies/{quote(uid)}/sign", "POST", {"report": text} if text else {})
+
+    @read.command("alerts")
+    @click.option("--all", "every", is_flag=True, help="acknowledged ones too")
+    @click.option("--limit", type=click.IntRange(1, 10_000), default=500, show_default=True)
+    @click.pass_context
+    def alerts(ctx: click.Context, every: bool, limit: int) -> None:
+        """Critical alerts no one has acknowledged, most overdue first, with their deadline and escalation level."""
+        run(ctx, "/alerts", open="false" if every else "true", limit=limit)
+
+    @read.command("ack")
+    @study
+    @click.option("--finding", required=True, help="the alert's finding (its AI label)")
+    @click.option("--note", help="what was done: who was called, what was said")
+    @click.pass_context
+    def ack(ctx: click.Context, uid: str, finding: str, note: str | None) -> None:
+        """Acknowledge the study's critical alert for a finding: its escalation stops."""
+        run(ctx, f"/studies/{quote(uid)}/alerts/ack", "POST", {"finding": finding, **({"note": note} if note else {})})

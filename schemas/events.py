@@ -665,6 +665,11 @@ class ReaderFeedback(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class Alert(Record):
+    """Something a person must act on now. A critical finding's alert names the finding
+    (its label, the key an :class:`AlertAck` answers with) and the time by which someone
+    must acknowledge it; unacknowledged by then, it is raised again one
+    ``escalation_level`` higher (:mod:`streams.alerts`)."""
+
     SCHEMA: ClassVar[str] = "alert"
     trace_id: str
     study_uid: str
@@ -674,6 +679,33 @@ class Alert(Record):
     message: str
     raised_at: datetime
     finding_code: str | None = None
+    ack_deadline: datetime | None = None  # unacknowledged by then: escalated
+    finding: str | None = None  # the AI finding's label
+    escalation_level: int = 0  # 0: as first raised; N: raised again N times, unacknowledged
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertAck(Record):
+    """A person acknowledged a study's critical alert for one finding (any version of the
+    study): from the reading API, it stops the alert's escalation."""
+
+    SCHEMA: ClassVar[str] = "alert_ack"
+    trace_id: str
+    study_uid: str
+    version: int  # the version of the alert acknowledged
+    finding: str  # the AI finding's label, as on the alert
+    actor: str  # the user id of who acknowledged it
+    at: datetime
+    note: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertTimer(Record):
+    """Internal: asks the alerts stage to check one study's open alerts against the clock."""
+
+    SCHEMA: ClassVar[str] = "alert_timer"
+    study_uid: str
+    due_at: datetime
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -741,6 +773,8 @@ EVENT_TYPES: dict[str, type[Record]] = {
         RoutingDecision,
         WorklistUpdate,
         Alert,
+        AlertAck,
+        AlertTimer,
         AuditEvent,
         DeadLetter,
         AssemblyTimer,

@@ -261,6 +261,23 @@ class ResultsSettings(_Group):
     breaker_reset_s: float = Field(30.0, gt=0)
     timeout_s: float = Field(15.0, gt=0, description="one attempt's network timeout")
     alert_ack_s: int = Field(600, ge=10, description="a critical alert unacknowledged this long escalates")
+    alert_escalate_to: str = Field(
+        "the on-call supervisor,the department chief,the medical director",
+        description="whom each escalation of an unacknowledged alert calls on, in order, comma-separated: "
+                    "an alert escalates as many times as there are names")
+    alert_scan_interval_s: float = Field(5.0, gt=0, description="how often open alerts are checked against "
+                                                                "their acknowledgement deadline")
+
+    @field_validator("alert_escalate_to")
+    @classmethod
+    def _escalation_chain(cls, value: str) -> str:
+        if not [name for name in value.split(",") if name.strip()]:
+            raise ValueError("must name whom an unacknowledged alert escalates to, e.g. 'the on-call supervisor'")
+        return value
+
+    def escalation_chain(self) -> tuple[str, ...]:
+        """Whom escalation level 1, 2, ... calls on; its length is the highest level."""
+        return tuple(name.strip() for name in self.alert_escalate_to.split(",") if name.strip())
 
 
 class BlobSettings(_Group):

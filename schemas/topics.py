@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from schemas.events import (
     AdmissionHint,
     Alert,
+    AlertAck,
+    AlertTimer,
     AssemblyTimer,
     AssignmentTick,
     AuditEvent,
@@ -73,6 +75,10 @@ PRIORS_RESULT_BY_PATIENT = TopicSpec("priors.result-by-patient", ResultByPatient
 ROUTING_DECISION = TopicSpec("routing.decision", RoutingDecision, "study_uid")
 WORKLIST_UPDATE = TopicSpec("worklist.update", WorklistUpdate, "study_uid", compacted=True)
 ALERT = TopicSpec("alert", Alert, "study_uid")
+#: identified zone: a person acknowledged a study's critical alert for a finding (reading API), read by the alerts stage
+ALERT_ACK = TopicSpec("alert.ack", AlertAck, "study_uid")
+#: internal: clock ticks for studies with an alert past its acknowledgement deadline, co-partitioned with alert
+ALERT_TIMER = TopicSpec("alert.timer", AlertTimer, "study_uid", retention_ms=3_600_000)
 AUDIT = TopicSpec("audit", AuditEvent, "trace_id")
 DEAD_LETTER = TopicSpec("deadletter", DeadLetter, "key")
 #: internal: clock ticks for open studies, co-partitioned with instance.received
@@ -120,6 +126,8 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     ROUTING_DECISION,
     WORKLIST_UPDATE,
     ALERT,
+    ALERT_ACK,
+    ALERT_TIMER,
     AUDIT,
     DEAD_LETTER,
     ASSEMBLY_TIMER,

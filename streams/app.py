@@ -13,12 +13,13 @@ import faust
 
 from schemas.codec import Codec
 from schemas.settings import Settings
-from streams import assemble, deidentify, offsets_compat, orders, preread, priors, relink, results, route, sink, worklist
+from streams import (alerts, assemble, deidentify, offsets_compat, orders, preread, priors, relink, results, route,
+                     sink, worklist)
 from streams.context import StreamContext
 
 #: the stream worker's stages in pipeline order.
 #: Of the stages reading one topic, the first here dead-letters its bad messages.
-STAGES = (assemble, deidentify, orders, relink, priors, route, worklist, results, sink)
+STAGES = (assemble, deidentify, orders, relink, priors, route, worklist, results, alerts, sink)
 #: the AI worker's (``python -m streams inference``): its own process and consumer group,
 #: so that GPU workers scale apart from stream workers
 INFERENCE_STAGES = (preread,)

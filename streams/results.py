@@ -66,7 +66,7 @@ _EXAMINATION = {"CT": "CT", "MR": "MRI", "CR": "Radiograph", "DX": "Radiograph",
 
 
 def draft_report(assembled: StudyAssembled, findings: list[ResultFinding], row: WorklistUpdate | None,
-                 ai: InferenceResult | None) -> str:
+                 ai: InferenceResult | None, signed_by: str | None = None) -> str:
     """The preliminary report a reader starts from: examination, indication (the order),
     comparison (the prior comparison), the AI findings in words, and an impression. Each
     finding is worded by its model card's code meaning; a model's name and version say
@@ -94,7 +94,9 @@ def draft_report(assembled: StudyAssembled, findings: list[ResultFinding], row: 
     impression = ("Critical: " + "; ".join(f.modified_to or (f.codes[0].meaning if f.codes else f.label)
                                           for f in critical) + ". Communicated as a critical result."
                   if critical else "See findings." if active else "No acute finding identified by AI pre-read.")
-    lines += [f"IMPRESSION: {impression}", "Preliminary: AI-assisted draft, not reviewed by a radiologist."]
+    lines += [f"IMPRESSION: {impression}",
+              f"Signed by {signed_by} without edits to the AI-assisted draft." if signed_by
+              else "Preliminary: AI-assisted draft, not reviewed by a radiologist."]
     return "\n".join(lines)
 
 
@@ -125,9 +127,13 @@ def findings_of(ai: InferenceResult | None, row: WorklistUpdate | None) -> list[
 
 
 def _content(result: StudyResult) -> str:
-    """What the outputs say, without the revision bookkeeping: equal content, no new revision."""
-    data = result.replace(revision=0, status=ResultStatus.PRELIMINARY, replaces=None, changes=[],
-                          issued_at=datetime(1970, 1, 1)).to_avro()
+    """The clinical content of a revision: the study version, the findings with the reader's
+    decisions, and the signature with its text. Equal content, no new revision: a worklist row
+    republished for its assignment, or a prior comparison refined after the AI result, amends
+    nothing already sent (the next revision's draft carries them)."""
+    data = {"version": result.version, "critical": result.critical,
+            "findings": [f.to_avro() for f in result.findings], "reader": result.reader_id,
+            "signed_at": result.signed_at, "signed_text": result.report_text if result.signed_at else None}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -163,8 +169,11 @@ def next_result(state: ResultsState, now: datetime) -> StudyResult | None:
     signed = row is not None and row.status == "SIGNED" and row.version == a.version and state.signed_by is not None
     if ai is None and not signed:
         return None
+    if not signed and (row is None or row.version != a.version or row.ai_status == "PENDING"):
+        return None  # routing has not seen this AI result yet: its priority would be the one before it
     findings = findings_of(ai, row)
-    text = state.signed_text if signed and state.signed_text else draft_report(a, findings, row, ai)
+    text = (state.signed_text if signed and state.signed_text  # a signature without text signs the draft
+            else draft_report(a, findings, row, ai, signed_by=state.signed_by if signed else None))
     last = state.last
     if signed:  # the first signed revision is FINAL; a change after it corrects it
         status = ResultStatus.FINAL if last is None or last.signed_at is None else ResultStatus.CORRECTED
@@ -199,12 +208,14 @@ def critical_alerts(state: ResultsState, ai: InferenceResult, ack_within: timede
             continue
         alerted.append(key)
         code = f.codes[0] if f.codes else None
+        deadline = now + ack_within
         alerts.append(Alert(trace_id=ai.trace_id, study_uid=ai.study_uid, version=ai.version,
                             alert_type="critical-finding", severity=Priority.CRITICAL,
                             message=f"AI critical finding {f.label} ({f.model} {f.model_version}, "
                                     f"confidence {f.confidence:.2f}): acknowledge by "
-                                    f"{(now + ack_within).isoformat(timespec='seconds')}",
-                            raised_at=now, finding_code=f"{code.scheme}:{code.value}" if code else None))
+                                    f"{deadline.isoformat(timespec='seconds')}",
+                            raised_at=now, finding_code=f"{code.scheme}:{code.value}" if code else None,
+                            ack_deadline=deadline, finding=f.label))
     return alerted, alerts
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from schemas.events import (
     Alert,
+    AlertAck,
     AuditEvent,
     DeadLetter,
     InferenceResult,
@@ -32,6 +33,7 @@ from schemas.events import (
 )
 from schemas.topics import (
     ALERT,
+    ALERT_ACK,
     AUDIT,
     DEAD_LETTER,
     DEID_QUARANTINE,
@@ -167,6 +169,15 @@ def result_row(result: StudyResult, position: Position) -> Row:
                          for f in result.findings]}
 
 
+_alert_columns = columns("study_uid", "version", "trace_id", "alert_type", "severity", "message", "finding_code",
+                         "raised_at", "ack_deadline", "escalation_level")
+
+
+def alert_row(alert: Alert, position: Position) -> Row:
+    # the finding is in the table's sorting key, which cannot be nullable: '' for an alert about no finding
+    return {**_alert_columns(alert, position), "finding": alert.finding or ""}
+
+
 #: event type -> the rows it becomes, each (warehouse table, row builder)
 SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
     WorklistUpdate: (("worklist", worklist_row), ("stage_events", reading_stages)),
@@ -177,8 +188,8 @@ SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
                                 "patient_pseudonym", "source_site", "linked_at")),
         ("stage_events", deidentified_stage),
     ),
-    Alert: (("alerts", columns("study_uid", "version", "trace_id", "alert_type", "severity", "message",
-                               "finding_code", "raised_at")),),
+    Alert: (("alerts", alert_row),),
+    AlertAck: (("alert_acks", columns("study_uid", "finding", "at", "actor", "trace_id", "version", "note")),),
     # every HL7 order message: orders without images stay visible
     OrderReceived: (("orders", columns(
         "accession_number", "control_id", "message_type", "trace_id", "source_site", "received_at", "order_control",
@@ -200,8 +211,9 @@ SINK_TABLES: dict[type[Record], tuple[tuple[str, RowBuilder], ...]] = {
 }
 
 #: the topics the sink writes to the warehouse; dead letters and quarantined instances among them
-SINK_TOPICS = (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, DEAD_LETTER, ORDER_RECEIVED, PATIENT_UPDATED,
-               STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT, AUDIT, READING_APPLIED, RESULTS_OUTBOX, RESULTS_DELIVERY)
+SINK_TOPICS = (WORKLIST_UPDATE, STUDY_ASSEMBLED, ROUTING_DECISION, ALERT, ALERT_ACK, DEAD_LETTER, ORDER_RECEIVED,
+               PATIENT_UPDATED, STUDY_LINK, DEID_QUARANTINE, INFERENCE_RESULT, AUDIT, READING_APPLIED, RESULTS_OUTBOX,
+               RESULTS_DELIVERY)
 
 
 def rows_for(event: Record, partition: int = -1, offset: int = -1, topic: str = "") -> list[tuple[str, Row]]:

@@ -53,11 +53,12 @@ def ai(version: int = 1, findings: list[Finding] | None = None) -> InferenceResu
                            queued_ms=0, decode_ms=0, infer_ms=0, latency_ms=0, inferred_at=NOW)
 
 
-def row(version: int = 1, status: str = "UNREAD", decisions: list[str] | None = None) -> WorklistUpdate:
+def row(version: int = 1, status: str = "UNREAD", decisions: list[str] | None = None,
+        ai_status: str = "OK") -> WorklistUpdate:
     return WorklistUpdate(trace_id=trace_id_for(STUDY), study_uid=STUDY, version=version, modality="CT",
                           modalities=["CT"], priority=Priority.CRITICAL, subspecialty="neuro", source_site="SITE_A",
                           instance_count=1, reasons=[], received_at=NOW, assembled_at=NOW, routed_at=NOW, status=status,
-                          reason_for_exam="headache after fall", prior_summary="no relevant prior",
+                          reason_for_exam="headache after fall", prior_summary="no relevant prior", ai_status=ai_status,
                           assigned_reader="dr-neuro", reader_decisions=decisions or [],
                           signed_at=NOW if status == "SIGNED" else None)
 
@@ -79,8 +80,10 @@ def issued(outputs) -> list[StudyResult]:
 def test_the_first_ai_result_issues_a_preliminary_result_with_a_draft_report_and_a_critical_alert() -> None:
     results = stage()
     assert results.on_assembled(assembled()) == []  # no AI result yet: nothing to say
-    results.on_row(row())
-    outputs = results.on_ai(ai())
+    assert results.on_row(row(ai_status="PENDING")) == []
+    alerted = results.on_ai(ai())  # the alert goes out at once: it does not wait for routing
+    assert issued(alerted) == []  # the result does: routing has not seen the AI result, its priority is the old one
+    outputs = results.on_row(row())
     (result,) = issued(outputs)
     assert result.status is ResultStatus.PRELIMINARY and result.revision == 1 and result.replaces is None
     assert result.critical and [f.label for f in result.findings] == ["ich"]
@@ -90,7 +93,7 @@ def test_the_first_ai_result_issues_a_preliminary_result_with_a_draft_report_and
     assert "COMPARISON: no relevant prior" in result.report_text
     assert "Intracranial hemorrhage (AI head-ct 1.0, confidence 0.91)" in result.report_text
     assert "Critical: Intracranial hemorrhage" in result.report_text
-    (alert,) = [event for spec, event in outputs if spec is ALERT]
+    (alert,) = [event for spec, event in alerted if spec is ALERT]
     assert alert.severity is Priority.CRITICAL and alert.finding_code == "SCT:1386000"
     assert "acknowledge by" in alert.message
     # the same AI result again (a re-delivery): no new revision, no second alert
@@ -100,6 +103,7 @@ def test_the_first_ai_result_issues_a_preliminary_result_with_a_draft_report_and
 def test_silent_findings_never_reach_a_result() -> None:
     results = stage()
     results.on_assembled(assembled())
+    results.on_row(row())
     (result,) = issued(results.on_ai(ai(findings=[finding("pneumo", critical=True, silent=True)])))
     assert result.findings == [] and not result.critical
     assert "No finding at the AI operating thresholds" in result.report_text
@@ -126,9 +130,12 @@ def test_a_rejected_finding_corrects_the_result_and_signing_makes_it_final_with_
 def test_a_later_version_whose_ai_result_differs_corrects_what_was_sent() -> None:
     results = stage()
     results.on_assembled(assembled(1))
+    results.on_row(row(1))
     results.on_ai(ai(1))
     assert issued(results.on_assembled(assembled(2))) == []  # its AI result has not arrived yet
     assert issued(results.on_ai(ai(1))) == []  # a late result of the old version says nothing new
+    assert issued(results.on_row(row(1).replace(priority=Priority.ROUTINE, prior_summary="1 relevant prior"))) == []
+    results.on_row(row(2))
     (corrected,) = issued(results.on_ai(ai(2, findings=[finding(confidence=0.97)])))
     assert corrected.status is ResultStatus.CORRECTED and corrected.version == 2 and corrected.replaces == 1
     assert corrected.changes[0] == "study version 2 (was 1)"
@@ -142,9 +149,23 @@ def test_without_ai_only_the_signature_issues_a_result() -> None:
     assert final.status is ResultStatus.FINAL and final.findings == [] and final.report_text == "Normal head CT."
 
 
+def test_a_signature_without_text_signs_the_draft_without_its_preliminary_disclaimer() -> None:
+    results = stage()
+    results.on_assembled(assembled())
+    results.on_row(row())
+    (draft,) = issued(results.on_ai(ai()))
+    assert draft.report_text.endswith("Preliminary: AI-assisted draft, not reviewed by a radiologist.")
+    results.on_row(row(status="SIGNED", decisions=["ich: ACCEPT"]))
+    (final,) = issued(results.on_applied(sign(None)))
+    assert final.status is ResultStatus.FINAL and final.findings[0].decision == "ACCEPT"
+    assert "Preliminary" not in final.report_text
+    assert final.report_text.endswith("Signed by dr-neuro without edits to the AI-assisted draft.")
+
+
 def test_state_and_results_round_trip_through_their_codecs() -> None:
     results = stage()
     results.on_assembled(assembled())
+    results.on_row(row())
     (result,) = issued(results.on_ai(ai()))
     codec = Codec()
     assert codec.decode(codec.encode(result)) == result

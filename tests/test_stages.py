@@ -337,7 +337,7 @@ def _inference_result():
 
 
 def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
-    from schemas.events import (Alert, AuditEvent, DeadLetter, DeliveryStatus, PatientUpdated, ReaderFeedback,
+    from schemas.events import (Alert, AlertAck, AuditEvent, DeadLetter, DeliveryStatus, PatientUpdated, ReaderFeedback,
                                 ReadingAction, ResultDelivery, ResultFinding, ResultStatus, StudyLink, StudyResult)
     from streams.sink_rows import SINK_TABLES, SINK_TOPICS
 
@@ -366,6 +366,7 @@ def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
         ResultDelivery(trace_id="t", study_uid="1.2.3", revision=2, destination="pacs", kind="sr",
                        status=DeliveryStatus.ACKED, attempts=1, at=T0, result_status=ResultStatus.CORRECTED,
                        document_id="2.25.1"),
+        AlertAck(trace_id="t", study_uid="1.2.3", version=1, finding="ich", actor="dr-a", at=T0, note="called the ED"),
         row.replace(status="SIGNED", assigned_reader="dr-a", opened_at=T0, signed_at=T0 + timedelta(minutes=7)),
     ]
     assert {type(event) for event in samples} == set(SINK_TABLES)
