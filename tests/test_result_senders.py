@@ -7,7 +7,6 @@ HTTP receiver checks the webhook signature with :func:`verify_webhook` or answer
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import shutil
@@ -37,6 +36,7 @@ from adapters.result_documents import (
     webhook_payload,
 )
 from adapters.result_senders import DeliveryError, post_fhir, post_json, send_mllp, store_sr
+from load.hl7_peer import MllpPeer
 from load.orthanc_peer import Orthanc, start_orthanc
 from radstream import procs
 from tests.test_result_documents import corrected_result, final_result, preliminary_result
@@ -140,49 +140,6 @@ def test_no_scp_listening_is_retryable() -> None:
 
 
 # ---------------------------------------------------------------- HL7: the hl7 package's MLLP server
-
-
-@dataclass
-class MllpPeer:
-    """An asyncio MLLP server of the ``hl7`` package in its own thread; ``answer`` makes the ACK
-    for each parsed message (None: never answer)."""
-
-    answer: Callable[[hl7.Message], hl7.Message | None]
-    received: list[hl7.Message] = field(default_factory=list)
-    port: int = 0
-
-    def __post_init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _start(self) -> asyncio.Server:
-        return await hl7.mllp.start_hl7_server(self._client, "127.0.0.1", 0, encoding="utf-8")
-
-    async def _client(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
-        try:
-            while not writer.is_closing():
-                message = await reader.readmessage()
-                self.received.append(message)
-                ack = self.answer(message)
-                if ack is not None:
-                    writer.writemessage(ack)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    def stop(self) -> None:
-        async def close() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

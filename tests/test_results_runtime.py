@@ -22,13 +22,13 @@ from pydicom import dcmread
 
 from adapters.result_documents import validate_fhir, verify_webhook
 from adapters.warehouse import connect, query_rows
+from load.hl7_peer import MllpPeer
 from load.orthanc_peer import start_orthanc
 from radstream.cli import cli
 from radstream.reading_cli import api_url
 from schemas.settings import Settings
 from tests.test_assignment_runtime import users_file
 from tests.test_end_to_end import RULES, STORESCU, painted_head_ct, start_up, stop_up, storescu, wait_for_worklist
-from tests.test_result_senders import MllpPeer
 
 pytestmark = pytest.mark.integration
 SECRET = "platform-secret"
@@ -89,7 +89,7 @@ def _until(condition, timeout_s: float, what):
 def test_a_rejected_finding_amends_the_sr_the_oru_the_fhir_report_and_the_webhook(settings: Settings,
                                                                                   tmp_path: Path) -> None:
     orthanc = start_orthanc(tmp_path / "orthanc")
-    ris = MllpPeer(lambda message: message.create_ack())
+    ris = MllpPeer()
     ehr, platform = Receiver(_valid_fhir), Receiver(_signed)
     destinations = tmp_path / "destinations.toml"
     destinations.write_text(f"""
