@@ -327,3 +327,35 @@ def test_fhir_transaction_response_gives_the_report_location(receiver) -> None:
     assert headers["Authorization"] == "Bearer t0ken" and headers["Content-Type"] == "application/fhir+json"
     assert json.loads(body) == bundle
 
+
+
+def test_an_sr_destination_with_tls_settings_stores_over_mutual_tls_and_plain_tcp_is_refused(tmp_path: Path) -> None:
+    """A destination's tls_ca/tls_cert/tls_key (the destinations file) make the SR go over TLS:
+    the PACS checks our client certificate, we check its certificate against the CA."""
+    import ssl
+
+    from streams.delivery import Destination, send_result
+    from tests.test_dicom_security import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca"]))
+    server_tls.load_cert_chain(str(pki["gateway_cert"]), str(pki["gateway_key"]))
+    server_tls.verify_mode = ssl.CERT_REQUIRED
+    stored = []
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=server_tls,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: stored.append(event.dataset) or 0x0000)])
+    try:
+        port = server.server_address[1]
+        pacs = Destination(name="pacs", kind="sr", host="127.0.0.1", port=port, called_ae="PACS",
+                           tls_ca=pki["ca"], tls_cert=pki["site_cert"], tls_key=pki["site_key"])
+        result = preliminary_result()
+        assert send_result(pacs, result, timeout_s=10) == build_sr(result).SOPInstanceUID
+        assert [ds.SOPInstanceUID for ds in stored] == [build_sr(result).SOPInstanceUID]
+        plain = Destination(name="pacs", kind="sr", host="127.0.0.1", port=port, called_ae="PACS")
+        with pytest.raises(DeliveryError) as caught:
+            send_result(plain, result, timeout_s=5)
+        assert caught.value.retryable and len(stored) == 1
+    finally:
+        server.shutdown()
