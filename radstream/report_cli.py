@@ -5,7 +5,7 @@ table (``--format table``), CSV (a header line, then a line per row) or JSON (a 
 objects). ``--since`` takes a duration back from now (``24h``, ``7d``) or an ISO
 timestamp, ``--until`` the window's end (default now). Exit codes: 0 printed, 1 the
 warehouse failed, 2 a request the report cannot answer, or a report that needs data no
-stage records yet (``discrepancies``).
+stage records yet.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ def register(cli: click.Group, config_option, settings_of, format_rows, rows_tab
     @click.option("--since", default="24h", show_default=True,
                   help="start of the window: a duration back from --until (30m, 24h, 7d) or an ISO timestamp")
     @click.option("--until", help="end of the window, an ISO timestamp [default: now]")
-    @click.option("--by", type=click.Choice(GROUPINGS), help="group by (backlog: reader unless given)")
+    @click.option("--by", type=click.Choice(GROUPINGS),
+                  help="group by (backlog: reader unless given; ai: day unless given, else the window per model)")
     @click.option("--every", default="1h", show_default=True, help="backlog: the step between two depths")
     @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
                   show_default=True)
     @click.pass_context
     def report(ctx: click.Context, name: str, since: str, until: str | None, by: str | None, every: str,
                fmt: str) -> None:
-        """Turnaround, SLA compliance, worklist backlog and AI monitoring from the warehouse."""
+        """Turnaround, SLA compliance, worklist backlog, AI monitoring and AI/reader discrepancies."""
         from radstream.reports import (ReportRequestError, ReportUnavailable, parse_duration, parse_instant,
                                        render_table, run_report)
 

@@ -1,9 +1,10 @@
-"""Turnaround, SLA, backlog and AI reports over the warehouse's incremental analytics.
+"""Turnaround, SLA, backlog, AI and discrepancy reports over the warehouse's incremental analytics.
 
 The figures are computed by ClickHouse from the aggregate tables that materialized views
-keep up to date (``schemas/clickhouse/070_*.sql`` onward); each report is one named query
-(``queries/report_<name>.sql``) with its window, grouping and clock as server-side
-parameters. This module validates the request (which report, which grouping, which
+keep up to date (``schemas/clickhouse/070_*.sql`` onward); each report is a named query
+(``queries/report_<name>.sql``, or one per grouping where a grouping changes the grain, as
+``ai`` per day or per model version and site) with its window, grouping and clock as
+server-side parameters. This module validates the request (which report, which grouping, which
 window), runs the query and hands back a :class:`Report`: columns and rows, rendered as a
 rich table, CSV or JSON by :func:`render`. The clock is passed in, so a report over a
 fixed window is reproducible.
@@ -19,8 +20,19 @@ from typing import Any
 
 from schemas.settings import Settings
 
+#: the groupings of studies: what a study is (site, modality, ...), who read it, when it came
+_STUDY_GROUPINGS = ("site", "modality", "priority", "subspecialty", "reader", "hour")
 #: the groupings ``--by`` offers, as the queries name them
-GROUPINGS = ("site", "modality", "priority", "subspecialty", "reader", "hour")
+GROUPINGS = (*_STUDY_GROUPINGS, "day")
+
+
+@dataclass(frozen=True)
+class Grain:
+    """A report's second named query, for the groupings that change what one row is."""
+
+    query: str
+    title: str
+    groupings: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -32,20 +44,33 @@ class ReportSpec:
     default_by: str | None = None
     #: why the report cannot be produced yet (a feature it needs is not built); None: it can
     unavailable: str | None = None
+    #: the groupings answered by another named query than ``report_<name>``
+    other_grain: Grain | None = None
+
+    def query_of(self, name: str, by: str | None) -> tuple[str, str]:
+        """The named query answering this report grouped ``by``, and its title."""
+        if self.other_grain is not None and by in self.other_grain.groupings:
+            return self.other_grain.query, self.other_grain.title
+        return f"report_{name}", self.title
 
 
 REPORTS: dict[str, ReportSpec] = {
     "turnaround": ReportSpec("Stage latencies (seconds): each stage's own duration and the time since receipt",
-                             GROUPINGS),
-    "sla": ReportSpec("SLA compliance: deadline from assignment, else receipt + the priority's target", GROUPINGS),
+                             _STUDY_GROUPINGS),
+    "sla": ReportSpec("SLA compliance: deadline from assignment, else receipt + the priority's target",
+                      _STUDY_GROUPINGS),
     "backlog": ReportSpec("Worklist depth: open studies on each list at the end of each step",
                           ("site", "modality", "priority", "subspecialty", "reader"), default_by="reader"),
-    # always per day, model, version, backend, site and label: drift is only seen at that grain
-    "ai": ReportSpec("AI monitoring per day, model version, site and label", ()),
-    "discrepancies": ReportSpec(
-        "Studies where AI and the final read disagree", (),
-        unavailable="the discrepancies report needs the readers' accept/reject feedback on AI findings, which "
-                    "the reading loop (issue 17) will record; it is not built yet, so there is nothing to compare"),
+    # per day (the default) at the grain drift is seen at: model version, backend, site and label;
+    # grouped by site, modality, ... the window as a whole per model version and label
+    "ai": ReportSpec(
+        "AI monitoring per day, model version, site and label, with the readers' agreement",
+        ("day", "site", "modality", "priority", "subspecialty", "reader"), default_by="day",
+        other_grain=Grain("report_ai_summary", "AI monitoring per model version and label: score drift against "
+                          "the window before, readers' agreement and critical findings rejected",
+                          ("site", "modality", "priority", "subspecialty", "reader"))),
+    "discrepancies": ReportSpec("Studies where AI and the final read disagree: AI findings rejected or modified "
+                                "in signed reads, for peer review", ()),
 }
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
@@ -107,9 +132,8 @@ def run_report(settings: Settings, name: str, *, since: datetime, until: datetim
         raise ReportRequestError(f"the {name} report cannot be grouped by {by}; {offered}")
     if since >= until:
         raise ReportRequestError(f"the window is empty: --since {since.isoformat()} is not before {until.isoformat()}")
-    parameters: dict[str, Any] = {"since": since, "now": until}
-    if name != "ai":
-        parameters["by"] = by or ""
+    query, title = spec.query_of(name, by)
+    parameters: dict[str, Any] = {"since": since, "now": until, "by": by or ""}  # a query may ignore by
     if name == "backlog":
         if step.total_seconds() < 1:
             raise ReportRequestError("--every must be at least 1s")
@@ -117,14 +141,14 @@ def run_report(settings: Settings, name: str, *, since: datetime, until: datetim
         if steps > 2000:
             raise ReportRequestError(f"{steps:.0f} steps of {step} from {since.isoformat()}: give a longer --every")
         parameters["step_s"] = int(step.total_seconds())
-    columns, rows = _query(settings, f"report_{name}", parameters)
+    columns, rows = _query(settings, query, parameters)
     if "grp" in columns:  # the grouping column is named after what it groups by, or left out
         at = columns.index("grp")
         if by is None:
             columns, rows = columns[:at] + columns[at + 1:], [row[:at] + row[at + 1:] for row in rows]
         else:
             columns[at] = by
-    return Report(name, spec.title, since, until, columns, rows)
+    return Report(name, title, since, until, columns, rows)
 
 
 def _query(settings: Settings, name: str, parameters: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

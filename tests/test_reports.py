@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from adapters.warehouse import apply_ddl, connect
 from radstream.cli import cli
-from radstream.reports import ReportRequestError, ReportUnavailable, parse_instant, run_report
+from radstream.reports import ReportRequestError, parse_instant, run_report
 from schemas.settings import Settings
 from streams.sink import group_rows, insert_rows
 from test_sink_warehouse import warehouse  # noqa: F401  (the fixture: the embedded warehouse with its DDL)
@@ -194,9 +194,9 @@ def test_the_raw_tables_hold_the_duplicates_the_reports_do_not_count(loaded: Set
 
 def test_a_request_a_report_cannot_answer_is_refused_with_the_reason(loaded: Settings) -> None:
     with pytest.raises(ReportRequestError, match="grouping is fixed"):
-        run_report(loaded, "ai", since=T0, until=at(60), by="reader")
-    with pytest.raises(ReportUnavailable, match="reading loop"):
-        run_report(loaded, "discrepancies", since=T0, until=at(60))
+        run_report(loaded, "discrepancies", since=T0, until=at(60), by="reader")
+    with pytest.raises(ReportRequestError, match="cannot be grouped by hour; it offers day, site"):
+        run_report(loaded, "ai", since=T0, until=at(60), by="hour")
     assert parse_instant("2h", at(7200)) == T0 and parse_instant("2026-11-30T08:00", at(0)) == T0
     with pytest.raises(ReportRequestError, match="neither a duration"):
         parse_instant("yesterday", T0)
@@ -219,10 +219,10 @@ def test_the_report_command_prints_table_csv_and_json(loaded: Settings) -> None:
     table = runner.invoke(cli, ["report", "turnaround", "--by", "modality", *window], env=env)
     assert table.exit_code == 0, table.output
     assert "Stage latencies" in table.output and all(m in table.output for m in ("CT", "CR", "MR", "deidentified"))
-    missing = runner.invoke(cli, ["report", "discrepancies"], env=env)
-    assert missing.exit_code == 2 and "reader" in missing.output and "issue 17" in missing.output
-    bad = runner.invoke(cli, ["report", "ai", "--by", "modality", *window], env=env)
-    assert bad.exit_code == 2 and "cannot be grouped by modality" in bad.output
+    none = runner.invoke(cli, ["report", "discrepancies", "--format", "json", *window], env=env)
+    assert none.exit_code == 0 and json.loads(none.output) == []  # no reader has decided anything here
+    bad = runner.invoke(cli, ["report", "ai", "--by", "hour", *window], env=env)
+    assert bad.exit_code == 2 and "cannot be grouped by hour" in bad.output
 
 
 def test_a_warehouse_from_before_the_views_gets_its_history_at_the_next_start(loaded: Settings) -> None:
