@@ -20,6 +20,7 @@ POST   ``/api/v1/studies/{uid}/claim|open|release|sign``   ``sign`` takes ``{"re
 POST   ``/api/v1/studies/{uid}/findings/{label}``   ``{"decision": accept|reject|modify, ...}``
 GET    ``/api/v1/alerts[?open=true|false]``     critical alerts: unacknowledged (default) or all (audited)
 POST   ``/api/v1/studies/{uid}/alerts/ack``     ``{"finding": label, "note": text}``: acknowledge its alert
+GET    ``/dashboard``, ``/api/v1/dashboard/...``   the web dashboard and its JSON (:mod:`gateways.dashboard`)
 =====  =======================================  ===============================================
 
 Every access to a study's AI output is an :class:`AuditEvent` with the study's trace_id
@@ -42,7 +43,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import date, datetime
 from functools import partial
 from typing import Any
 
@@ -50,7 +50,9 @@ from aiohttp import hdrs, web
 
 from adapters.blobs import open_blob_store
 from adapters.warehouse import WarehouseError, query_rows
+from gateways.dashboard import Dashboard
 from gateways.deadletter import DeadLetters
+from gateways.http_answers import Refusal, answer, query_number
 from gateways.publisher import EventPublisher, PublishError
 from gateways.reading_access import PER_SITE, User, Users, load_users
 from gateways.serving import GatewayProcess, run, server_tls_context
@@ -70,25 +72,6 @@ _ACTIONS = {"claim": ReadingAction.CLAIM, "open": ReadingAction.OPEN, "release":
             "sign": ReadingAction.SIGN}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Refusal(Exception):
-    """An HTTP error answer: status, a short code, what people read, and the audit action if any."""
-
-    def __init__(self, status: int, code: str, error: str, *, audit: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(error)
-        self.status, self.code, self.error, self.audit, self.headers = status, code, error, audit, headers or {}
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-def answer(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(data, default=_json), content_type="application/json")
 
 
 class ReadingApi:
@@ -112,6 +95,7 @@ class ReadingApi:
         app.router.add_post("/api/v1/studies/{uid}/{action:claim|open|release|sign}", self.act)
         app.router.add_get("/api/v1/alerts", self.alerts)
         app.router.add_post("/api/v1/studies/{uid}/alerts/ack", self.acknowledge)
+        Dashboard(self._user, self._query, self._audit).add_routes(app)  # GET /dashboard and its JSON
         return app
 
     # ------------------------------------------------------------ plumbing
@@ -381,25 +365,12 @@ def _text(body: dict[str, Any], key: str) -> str | None:
     return value or None
 
 
-def _number(request: web.Request, name: str, default: float, low: float, high: float) -> float:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise Refusal(400, "bad_request", f"{name} must be a number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise Refusal(400, "bad_request", f"{name} must be between {low:g} and {high:g}")
-    return value
-
-
 def _limit(request: web.Request) -> int:
-    return int(_number(request, "limit", 500, 1, 10_000))
+    return int(query_number(request, "limit", 500, 1, 10_000))
 
 
 def _wait(request: web.Request) -> float:
-    return _number(request, "wait", 0, 0, MAX_WAIT_S)
+    return query_number(request, "wait", 0, 0, MAX_WAIT_S)
 
 
 async def start_server(settings: Settings, api: ReadingApi, port: int | None = None) -> web.AppRunner:

@@ -13,12 +13,15 @@ fi
 
 # Real peers of the tests: dcmtk (storescu/echoscu as a modality, dcmdump), dicom3tools
 # (dciodvfy: IOD conformance of de-identified output), Orthanc with its DICOMweb plugin
-# (a real PACS: C-STORE and STOW-RS sender, ingest benchmark peer).
+# (a real PACS: C-STORE and STOW-RS sender, ingest benchmark peer), chromium and its
+# chromedriver (a real browser on the dashboard, headless, driven by Selenium).
 need_apt=()
 command -v /usr/bin/storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v /usr/bin/dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 command -v /usr/sbin/Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
+command -v /usr/bin/chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v /usr/bin/chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if ((${#need_apt[@]})); then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
