@@ -120,14 +120,34 @@ def test_stage_latencies_are_each_stage_from_the_one_it_waits_on_and_from_receip
     # assembled after the last instance: 5, 5, 10; since receipt: 15, 6, 40
     # deidentified after assembly: 2, 4, 2; since receipt: 17, 10, 42
     # routed after de-identification: 1, 2, 1; since receipt: 18, 12, 43
-    # ai after de-identification: 8 (25-17), 5 (75-70), 8 (170-162); since receipt: 25, 15, 50
+    # ai: from leaving de-identification (the link's real time) for its own latency_ms -- inferred_at is
+    # on the shifted clock and never used: 5, 1, 3; since receipt: 22 (17+5), 11 (70+1-60), 45 (162+3-120)
     assert figures(report, "stage", "studies", "p50_s", "p95_s", "since_receipt_p50_s", "since_receipt_p95_s") == [
         ("received", 3, 10, 30, 10, 30),
         ("assembled", 3, 5, 10, 15, 40),
         ("deidentified", 3, 2, 4, 17, 42),
         ("routed", 3, 1, 2, 18, 43),
-        ("ai", 3, 8, 8, 25, 50),
+        ("ai", 3, 3, 5, 22, 45),
     ]
+
+
+def test_the_ai_stage_is_timed_on_the_real_clock_whether_its_link_comes_before_or_after_it(
+        warehouse: Settings) -> None:
+    """inferred_at is the de-identified zone's shifted clock (here a year off); the stage is timed from
+    the link's real time, and a run whose link reaches the warehouse after it is counted all the same."""
+    shifted = -365 * 86400
+    client = connect(warehouse)
+    try:
+        insert_rows(client, group_rows([model_run("2.25.7", "ich-ct", "1.0", inferred=shifted, latency_ms=4000)]))
+        insert_rows(client, group_rows([link("S7", "2.25.7", "SITE_A", 100)]))  # the link after the run
+        insert_rows(client, group_rows([link("S8", "2.25.8", "SITE_A", 200)]))
+        insert_rows(client, group_rows([model_run("2.25.8", "ich-ct", "1.0", inferred=shifted, latency_ms=2000)]))
+        rows = client.query("SELECT study_uid, min(first_started_at), min(first_finished_at) FROM stage_times "
+                            "WHERE stage = 'ai' GROUP BY study_uid ORDER BY study_uid").result_rows
+    finally:
+        client.close()
+    assert [(uid, started.replace(tzinfo=UTC), finished.replace(tzinfo=UTC)) for uid, started, finished in rows] == [
+        ("S7", at(100), at(104)), ("S8", at(200), at(202))]
 
 
 def test_turnaround_by_site_groups_studies_by_their_site(loaded: Settings) -> None:
