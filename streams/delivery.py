@@ -432,7 +432,7 @@ class Delivery:
                              "auto.offset.reset": "earliest", "enable.auto.commit": False,
                              # the embedded broker holds a fetch open for all of it even when a record
                              # arrives: at librdkafka's 500 ms default that was most of a result's latency
-                             "fetch.wait.max.ms": 20,
+                             "fetch.wait.max.ms": self.settings.kafka.fetch_max_wait_ms,
                              "session.timeout.ms": int(self.settings.kafka.session_timeout_s * 1000)})
         assigned = threading.Event()
         consumer.subscribe([topic], on_assign=lambda c, partitions: assigned.set())

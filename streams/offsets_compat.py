@@ -11,6 +11,11 @@ while the source offsets that produced it are already committed.
 reported end minus one to end-of-partition (:func:`adapters.kafka.end_offsets`). On a correct broker that reads one
 record per changelog partition and changes nothing. ``kafka.verify_end_offsets``
 switches it off.
+
+:func:`install_fetch_wait` is the other broker accommodation: Faust creates its consumer
+with ``fetch_max_wait_ms=1500``, and Tansu answers a fetch only when that wait runs out,
+even when records arrived meanwhile -- so each hop of a study through the stages cost up
+to 1.5 s. It sets ``kafka.fetch_max_wait_ms`` on the worker's consumer instead.
 """
 
 from __future__ import annotations
@@ -48,6 +53,22 @@ def true_end_offsets(bootstrap: str, reported: Mapping[Any, int], *, attempts: i
             log.info("corrected changelog end offset", topic=tp.topic, partition=tp.partition,
                      reported=reported[tp], actual=ends[tp])
     return ends
+
+
+def install_fetch_wait(fetch_max_wait_ms: int) -> None:
+    """Give Faust's worker consumer our fetch wait instead of its hard-coded 1500 ms."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    original = getattr(AIOKafkaConsumerThread._create_worker_consumer, "__wrapped__",
+                       AIOKafkaConsumerThread._create_worker_consumer)
+
+    def _create_worker_consumer(self, transport):
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms  # read by the fetcher it creates in start()
+        return consumer
+
+    _create_worker_consumer.__wrapped__ = original
+    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
 
 
 def install(bootstrap: str) -> None:

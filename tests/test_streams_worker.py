@@ -165,3 +165,19 @@ def test_open_study_survives_a_worker_crash_and_is_assembled_once_after_restart(
     finally:
         procs.stop(second, grace_s=5)
     assert [(s.study_uid, s.version, s.instance_count) for s in studies] == [("1.6.1", 1, 2)]
+
+
+def test_the_worker_consumer_fetch_waits_kafka_fetch_max_wait_ms_not_faust_s_1500(monkeypatch) -> None:
+    """Tansu holds a fetch for its whole wait even when records arrive: Faust's hard-coded 1500 ms
+    was up to 1.5 s on every hop of a study through the stages."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    from streams import offsets_compat
+
+    class Consumer:
+        _fetch_max_wait_ms = 1500
+
+    monkeypatch.setattr(AIOKafkaConsumerThread, "_create_worker_consumer", lambda self, transport: Consumer())
+    offsets_compat.install_fetch_wait(40)
+    offsets_compat.install_fetch_wait(50)  # installing again wraps Faust's method, not the previous wrapper
+    assert AIOKafkaConsumerThread._create_worker_consumer(None, None)._fetch_max_wait_ms == 50
