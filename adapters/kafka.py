@@ -57,13 +57,17 @@ class EndOffsetsTimeout(TimeoutError):
     """The true end of a partition could not be read in time (broker down or restarting)."""
 
 
-def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: float = 10.0,
+                settle_s: float = 1.0) -> dict[tuple[str, int], int]:
     """The offset after the last record of each ``(topic, partition)``, exactly.
 
     Not ListOffsets(latest) alone: Tansu 0.6 answers it with the *base* offset of the
-    partition's last record batch + 1, so a batch of 3 records reads as 1. Fetch
-    responses carry the true high watermark, so each non-empty partition is read from
-    its reported end - 1 to end-of-partition. On Kafka that reads one record each.
+    partition's last record batch + 1, so a batch of 3 records reads as 1. So each
+    non-empty partition is read from its reported end - 1 on: it is done at end-of-partition,
+    or once the reported last record has come and then nothing more for ``settle_s`` -- after
+    a SIGKILL Tansu may serve a partition's last batch with a fetch high watermark inside it,
+    and end-of-partition then never comes (its end was under-read, and a table recovered short
+    of its last changelog records). On Kafka this reads one record each.
     Raises :class:`EndOffsetsTimeout` rather than return an end it could not confirm.
     """
     from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -76,20 +80,25 @@ def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: fl
         for topic, partition in partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
             lows[(topic, partition)], ends[(topic, partition)] = max(low, 0), max(high, 0)
+        reported = dict(ends)
         pending = {key for key, high in ends.items() if high > lows[key]}
+        last_record: dict[tuple[str, int], float] = {}  # when each partition last gave a record at or past reported - 1
         if pending:
             consumer.assign([TopicPartition(t, p, max(lows[(t, p)], ends[(t, p)] - 1)) for t, p in sorted(pending)])
             deadline = time.monotonic() + timeout_s
             while pending and time.monotonic() < deadline:
-                msg = consumer.poll(0.2)
-                if msg is None:
-                    continue
-                key = (msg.topic(), msg.partition())
-                if msg.error() is None:
-                    ends[key] = max(ends[key], msg.offset() + 1)
-                elif msg.error().code() == KafkaError._PARTITION_EOF:
-                    ends[key] = max(ends[key], msg.offset())
-                    pending.discard(key)
+                msg = consumer.poll(0.1)
+                now = time.monotonic()
+                if msg is not None:
+                    key = (msg.topic(), msg.partition())
+                    if msg.error() is None:
+                        ends[key] = max(ends[key], msg.offset() + 1)
+                        if msg.offset() >= reported[key] - 1:
+                            last_record[key] = now
+                    elif msg.error().code() == KafkaError._PARTITION_EOF:
+                        ends[key] = max(ends[key], msg.offset())
+                        pending.discard(key)
+                pending -= {key for key, at in last_record.items() if now - at >= settle_s}
             if pending:  # an under-reported end is worse than none: its reader would skip records silently
                 raise EndOffsetsTimeout(f"could not read to the end of {', '.join(f'{t}[{p}]' for t, p in sorted(pending))} "
                                         f"within {timeout_s:g}s; the broker may be restarting")

@@ -161,7 +161,8 @@ def test_sigkill_of_everything_inside_the_quiet_period_loses_no_acknowledged_stu
     runtime.start()  # same data directory; nothing is sent again
     expected = {uid: len(files) for uid, files in studies.items()}
     rows = wait_for_studies(runtime.settings, expected)
-    assert {r["study_uid"]: r["instance_count"] for r in rows} == expected
+    counts = {r["study_uid"]: r["instance_count"] for r in rows}
+    assert counts == expected, diagnosis(runtime.settings, studies, counts, expected)
     assert all(r["version"] == 1 for r in rows)
     assert_each_exactly_once(runtime.settings, expected)
 

@@ -181,3 +181,38 @@ def test_the_worker_consumer_fetch_waits_kafka_fetch_max_wait_ms_not_faust_s_150
     offsets_compat.install_fetch_wait(40)
     offsets_compat.install_fetch_wait(50)  # installing again wraps Faust's method, not the previous wrapper
     assert AIOKafkaConsumerThread._create_worker_consumer(None, None)._fetch_max_wait_ms == 50
+
+
+def test_a_commit_waits_for_every_buffered_changelog_write_not_just_0_1_s() -> None:
+    """Faust's buffer flush returned when one message took over 0.1 s to leave, and the offsets
+    were committed with table changelog writes still buffered: a crash then lost them."""
+    import asyncio
+
+    from faust.transport.producer import ProducerBuffer
+
+    from streams import offsets_compat
+
+    offsets_compat.install_complete_flush()
+
+    class Buffer:
+        state = "running"
+
+        def __init__(self) -> None:
+            self.size = 3
+            self.message_sent = asyncio.Event()
+
+        async def send_slowly(self) -> None:
+            while self.size:
+                await asyncio.sleep(0.25)  # each message slower than the old 0.1 s patience
+                self.size -= 1
+                self.message_sent.set()
+
+    async def scenario() -> int:
+        buffer = Buffer()
+        sender = asyncio.ensure_future(buffer.send_slowly())
+        await ProducerBuffer.flush(buffer)
+        left = buffer.size  # what a commit right now would overtake
+        await sender
+        return left
+
+    assert asyncio.run(scenario()) == 0
