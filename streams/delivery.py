@@ -45,6 +45,8 @@ ATTEMPTS = Counter("radstream_result_delivery_attempts_total", "send attempts by
                    ["destination", "outcome"])
 
 KINDS = ("sr", "oru", "fhir", "webhook")
+#: the outbox consumer's fetch wait: it keeps no table, so nothing of the stream workers' caution applies
+DELIVERY_FETCH_WAIT_MS = 20
 #: how often settled outbox offsets are committed (after flushing the states that say they settled)
 COMMIT_INTERVAL_S = 0.5
 _REQUIRED = {"sr": ("host", "port", "called_ae"), "oru": ("host", "port"), "fhir": ("url",), "webhook": ("url",)}
@@ -432,7 +434,7 @@ class Delivery:
                              "auto.offset.reset": "earliest", "enable.auto.commit": False,
                              # the embedded broker holds a fetch open for all of it even when a record
                              # arrives: at librdkafka's 500 ms default that was most of a result's latency
-                             "fetch.wait.max.ms": self.settings.kafka.fetch_max_wait_ms,
+                             "fetch.wait.max.ms": DELIVERY_FETCH_WAIT_MS,
                              "session.timeout.ms": int(self.settings.kafka.session_timeout_s * 1000)})
         assigned = threading.Event()
         consumer.subscribe([topic], on_assign=lambda c, partitions: assigned.set())
