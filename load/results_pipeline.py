@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.kafka import end_offsets
 from radstream import procs
-from schemas.codec import Codec
 from schemas.settings import Settings
 from schemas.topics import TopicSpec
+from streams import delivery
 
 HEAD_CT = "693_UNCR.dcm"
 
@@ -123,35 +122,5 @@ class Stamped:
 
 
 def read_stamped(settings: Settings, spec: TopicSpec, timeout_s: float = 30.0) -> list[Stamped]:
-    """Every record of ``spec``'s topic from the beginning to its true end
-    (:func:`adapters.kafka.end_offsets`), decoded, with its timestamp."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    topic, codec = spec.name(settings), Codec()
-    ends = end_offsets(settings.kafka_bootstrap, [(topic, p) for p in range(settings.kafka.partitions)], timeout_s)
-    pending = {p for (_, p), end in ends.items() if end > 0}
-    records: list[Stamped] = []
-    if not pending:
-        return records
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "enable.auto.commit": False,
-                         "group.id": f"{settings.kafka.topic_prefix}-bench-stamps", "enable.partition.eof": True})
-    try:
-        consumer.assign([TopicPartition(topic, p, 0) for p in sorted(pending)])
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {topic} to its end within {timeout_s:g}s")
-            msg = consumer.poll(0.2)
-            if msg is None:
-                continue
-            if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF and msg.offset() >= ends[(topic, msg.partition())]:
-                    pending.discard(msg.partition())
-                continue
-            kind, stamp = msg.timestamp()
-            records.append(Stamped(stamp, kind, codec.decode(msg.value())))
-            if msg.offset() + 1 >= ends[(topic, msg.partition())]:
-                pending.discard(msg.partition())
-    finally:
-        consumer.close()
-    return records
+    """Every record of ``spec``'s topic from the beginning to its true end, decoded, with its timestamp."""
+    return [Stamped(stamp, kind, event) for kind, stamp, event in delivery.read_stamped(settings, spec, timeout_s)]

@@ -335,18 +335,20 @@ class DestinationWorker(threading.Thread):
                 done()
 
 
-def read_topic(settings, spec, timeout_s: float = 30.0) -> list:
-    """Every event on ``spec``'s topic, read to its true end (the embedded broker under-reports ends)."""
+def read_stamped(settings, spec, timeout_s: float = 30.0) -> list[tuple[int, int, Any]]:
+    """Every record on ``spec``'s topic as ``(timestamp type, timestamp ms, event)``, read from
+    the beginning to its true end (the embedded broker under-reports ends, and after a restart
+    may never send end-of-partition: a partition is done at the end :func:`end_offsets` found)."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
     from adapters.kafka import end_offsets
     from schemas.codec import Codec
 
-    topic, codec, events = spec.name(settings), Codec(), []
+    topic, codec, records = spec.name(settings), Codec(), []
     ends = end_offsets(settings.kafka_bootstrap, [(topic, p) for p in range(settings.kafka.partitions)], timeout_s)
     pending = {p for (_, p), end in ends.items() if end > 0}
     if not pending:
-        return events
+        return records
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.kafka.topic_prefix}-reader",
                          "enable.auto.commit": False, "enable.partition.eof": True})
     try:
@@ -358,14 +360,22 @@ def read_topic(settings, spec, timeout_s: float = 30.0) -> list:
             msg = consumer.poll(0.2)
             if msg is None:
                 continue
+            end = ends[(topic, msg.partition())]
             if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF and msg.offset() >= ends[(topic, msg.partition())]:
+                if msg.error().code() == KafkaError._PARTITION_EOF and msg.offset() >= end:
                     pending.discard(msg.partition())
                 continue
-            events.append(codec.decode(msg.value()))
+            records.append((*msg.timestamp(), codec.decode(msg.value())))
+            if msg.offset() + 1 >= end:
+                pending.discard(msg.partition())
     finally:
         consumer.close()
-    return events
+    return records
+
+
+def read_topic(settings, spec, timeout_s: float = 30.0) -> list:
+    """Every event on ``spec``'s topic, read to its true end."""
+    return [event for _, _, event in read_stamped(settings, spec, timeout_s)]
 
 
 def read_ledger(settings, timeout_s: float = 30.0) -> Ledger:
