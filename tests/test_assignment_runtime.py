@@ -172,7 +172,7 @@ def read_the_critical_study(settings: Settings, uid: str) -> dict:
     got["accept"] = cli_read("decide", uid, label, "accept", "--comment", "agree")
     got["sign"] = cli_read("sign", uid, "--report", "Acute intraparenchymal hemorrhage.")
     got["admin_ai"] = call(ai_url, "tok-admin")
-    got["after_sign"] = call(f"{base}/studies/{uid}/release", "tok-neuro", "POST", {})
+    got["after_sign"] = call(f"{base}/studies/{uid}/release?wait=10", "tok-neuro", "POST", {})
     client = connect(settings)
     deadline = time.monotonic() + 30
     while True:  # the sink writes the audit of the last requests asynchronously
