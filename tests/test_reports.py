@@ -190,11 +190,10 @@ def test_backlog_is_each_readers_open_list_at_each_step(loaded: Settings) -> Non
 def test_ai_monitoring_counts_distinct_runs_and_shows_score_drift(loaded: Settings) -> None:
     report = run_report(loaded, "ai", since=T0, until=at(2 * 86400))
     # day 1 at SITE_A: S1 0.8 (flagged at threshold 0.5) and S3 0.2: mean 0.5; day 2: 0.4;
-    # the mean over both days 0.45, so the shift is +0.05 then -0.05; the run with no link and
-    # no scores (an engine error) is shown apart
+    # the mean over both days 0.45, so the shift is +0.05 then -0.05; the run with no link (an
+    # engine error) is not counted until its link comes: its real day and site are not known yet
     assert figures(report, "day", "model", "site", "label", "runs", "ok", "flagged", "score_p50", "score_mean",
                    "mean_shift", "latency_p50_ms", "latency_p95_ms") == [
-        (T0.date(), "ich-ct", "(unlinked)", "", 1, 0, 0, None, None, None, 10000.0, 10000.0),
         (T0.date(), "ich-ct", "SITE_A", "ich", 2, 2, 1, 0.8, 0.5, 0.05, 5000.0, 5000.0),
         (T0.date(), "ptx-cr", "SITE_B", "ptx", 1, 1, 1, 0.6, 0.6, 0.0, 1000.0, 1000.0),
         (T0.date() + timedelta(days=1), "ich-ct", "SITE_A", "ich", 1, 1, 0, 0.4, 0.4, -0.05, 4000.0, 4000.0),
@@ -209,7 +208,31 @@ def test_the_raw_tables_hold_the_duplicates_the_reports_do_not_count(loaded: Set
         client.close()
     assert raw in (len(AI_RUNS), 2 * len(AI_RUNS))  # a merge may already have collapsed them
     runs = sum(r["runs"] for r in run_report(loaded, "ai", since=T0, until=at(2 * 86400)).as_dicts())
-    assert runs == len(AI_RUNS)
+    assert runs == len(AI_RUNS) - 1  # each linked run once; 2.25.9 has no link yet
+
+
+def test_ai_monitoring_counts_each_run_on_its_real_day_and_site_whether_its_link_comes_before_or_after_it(
+        warehouse: Settings) -> None:
+    """AI monitoring buckets a run by the real day of its study's link, not by inferred_at (the
+    de-identified zone's clock, here a year off): a day taken from it would put the run a year
+    away. A run whose link comes after it is counted then, once, under its site."""
+    shifted = -365 * 86400
+    late = [model_run("2.25.7", "ich-ct", "1.0", inferred=shifted, latency_ms=4000, label="ich", score=0.7)]
+    early = [model_run("2.25.8", "ich-ct", "1.0", inferred=shifted, latency_ms=2000, label="ich", score=0.3)]
+    client = connect(warehouse)
+    try:
+        for batch in (late, [link("S7", "2.25.7", "SITE_A", 100)], [link("S8", "2.25.8", "SITE_B", 200)], early):
+            insert_rows(client, group_rows(batch))
+            insert_rows(client, group_rows(batch))  # every batch re-delivered
+    finally:
+        client.close()
+    report = run_report(warehouse, "ai", since=T0, until=at(86400))
+    assert figures(report, "day", "model", "site", "label", "runs", "flagged", "score_p50", "latency_p50_ms") == [
+        (T0.date(), "ich-ct", "SITE_A", "ich", 1, 1, 0.7, 4000.0),
+        (T0.date(), "ich-ct", "SITE_B", "ich", 1, 0, 0.3, 2000.0),
+    ]
+    a_year_before = run_report(warehouse, "ai", since=at(shifted - 86400), until=at(shifted + 86400))
+    assert a_year_before.as_dicts() == []
 
 
 def test_a_request_a_report_cannot_answer_is_refused_with_the_reason(loaded: Settings) -> None:

@@ -4,7 +4,7 @@
 -- scores/latencies are kept as sets of (study_uid, version, value), so a re-delivered row adds
 -- nothing. quantileExact would keep every value too; keyed by run they also deduplicate.
 -- A run that really ran twice (a retry with another result) counts as two values.
--- site: the original site through study_links, '(unlinked)' when the link was not yet written.
+-- site: the original site through study_links; a run is counted once its link is in (078, 116).
 -- Cost: the join reads study_links (ordered by study_uid, not deid_study_uid) at each insert;
 -- where that grows too large, a dictionary keyed by deid_study_uid should serve it instead.
 CREATE TABLE IF NOT EXISTS ai_daily
