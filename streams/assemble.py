@@ -84,6 +84,9 @@ class StudyProgress(TableState):
     version: int = 0  # last assembled version; 0 = never assembled
     pending: bool = True  # instances arrived that no assembled version contains
     metadata: dict[str, str] = field(default_factory=dict)
+    # the event that assembled the last version ("sop:<SOP Instance UID>" or "tick:<due_at>"): if
+    # it comes again, the version is sent again -- a crash may have kept this state and lost it
+    assembled_by: str | None = None
 
 
 class Action(enum.Enum):
@@ -232,27 +235,70 @@ class Assembly:
         # period counts from when this worker last finished a rebalance (recovery done,
         # consumption resuming), not from process start -- recovery can outlast it.
         self.resumed_at = utcnow()
+        # whether `index` holds every stored instance (after :meth:`reindex`); until then a
+        # study missing from it is looked up in the table
+        self.index_complete = False
 
     def on_instance(self, event: InstanceReceived) -> list[Output]:
+        """Store the instance and count it; the count is the stored instances of the study.
+
+        The two tables are two changelogs, and a crash can keep the write of one and lose the
+        other's: an instance stored with no study progress counting it (or none at all), or
+        a progress counting an instance that was not stored. The source event then comes
+        again (its offset was not committed). A resend is a duplicate only when the progress
+        counts every stored instance; otherwise the progress is repaired from the stored
+        instances -- else the study would never assemble, or assemble without it.
+        """
         now = utcnow()
         key = f"{event.study_uid}|{event.sop_instance_uid}"
-        progress, stored = add_instance(self.studies.get(event.study_uid), event, self.instances.get(key), now)
+        current = self.studies.get(event.study_uid)
+        previous = self.instances.get(key)
+        progress, stored = add_instance(current, event, previous, now)
+        sops = self._index_of(event.study_uid)
+        trigger = f"sop:{event.sop_instance_uid}"
         if stored is None:
-            log.info("duplicate instance ignored", trace_id=event.trace_id, sop_instance_uid=event.sop_instance_uid)
-            return []
-        self.instances[key] = stored
-        self.index.setdefault(event.study_uid, set()).add(event.sop_instance_uid)
+            if current is not None and current.instance_count >= len(sops):
+                if current.assembled_by == trigger and not current.pending:
+                    return self._send_again(current, now)
+                log.info("duplicate instance ignored", trace_id=event.trace_id, sop_instance_uid=event.sop_instance_uid)
+                return []
+            log.warning("assembly progress repaired from the stored instances", trace_id=event.trace_id,
+                        study_uid=event.study_uid, counted=current.instance_count if current else None,
+                        stored=len(sops))
+            progress, _ = add_instance(current, event, None, now)
+        else:
+            self.instances[key] = stored
+            sops.add(event.sop_instance_uid)
+        progress = replace(progress, instance_count=len(sops))
         self.studies[event.study_uid] = progress
-        return self._emit(progress, now) if complete_by_count(progress) else []
+        return self._emit(progress, now, trigger) if complete_by_count(progress) else []
+
+    def reindex(self) -> None:
+        """Rebuild the study -> stored SOP UIDs index from the instances table, in one pass
+        (after a rebalance: recovery may have restored instances this process never saw)."""
+        index: dict[str, set[str]] = {}
+        for key in self.instances.keys():
+            study_uid, _, sop = key.partition("|")
+            index.setdefault(study_uid, set()).add(sop)
+        self.index, self.index_complete = index, True
+
+    def _index_of(self, study_uid: str) -> set[str]:
+        sops = self.index.get(study_uid)
+        if sops is None:  # not seen since the last reindex: new, or restored only now
+            sops = self.index[study_uid] = set() if self.index_complete else self._stored_sops(study_uid)
+        return sops
 
     def on_tick(self, tick: AssemblyTimer) -> list[Output]:
         now = utcnow()
         progress = self.studies.get(tick.study_uid)
         if progress is None:
             return []
+        trigger = f"tick:{tick.due_at.isoformat()}"
+        if progress.assembled_by == trigger and not progress.pending:
+            return self._send_again(progress, now)
         action = decide(progress, now, self.quiet_period, self.retention, self.resumed_at)
         if action is Action.ASSEMBLE:
-            return self._emit(progress, now)
+            return self._emit(progress, now, trigger)
         if action is Action.EXPIRE:
             for sop in self._stored_sops(tick.study_uid):
                 del self.instances[f"{tick.study_uid}|{sop}"]
@@ -277,12 +323,23 @@ class Assembly:
             del self.asked[study_uid]
         return ticks
 
-    def _emit(self, progress: StudyProgress, now: datetime) -> list[Output]:
+    def _emit(self, progress: StudyProgress, now: datetime, trigger: str) -> list[Output]:
         progress, assembled = assemble(progress, self._stored_of(progress), now)
-        self.studies[progress.study_uid] = progress
+        self.studies[progress.study_uid] = replace(progress, assembled_by=trigger)
         STUDIES_ASSEMBLED.labels(assembled.completion_reason.value).inc()
         log.info("study assembled", trace_id=assembled.trace_id, version=assembled.version,
                  instances=assembled.instance_count, reason=assembled.completion_reason.value)
+        return [(STUDY_ASSEMBLED, assembled)]
+
+    def _send_again(self, progress: StudyProgress, now: datetime) -> list[Output]:
+        """The last assembled version, again: its trigger came again, so its offset was not
+        committed, and a crash can keep this table's write and lose the version's event. The
+        stages after this one take it as they take any event re-read after a crash (same study,
+        same version: at least once, never a new version)."""
+        _, assembled = assemble(replace(progress, version=progress.version - 1, pending=True),
+                                self._stored_of(progress), now)
+        log.info("assembled version sent again: the event that assembled it came again", trace_id=assembled.trace_id,
+                 version=assembled.version, trigger=progress.assembled_by)
         return [(STUDY_ASSEMBLED, assembled)]
 
     def _stored_of(self, progress: StudyProgress) -> list[StoredInstance]:
@@ -309,6 +366,7 @@ def register(ctx) -> None:
     @ctx.app.on_rebalance_complete.connect
     async def _consumption_resumes(sender, **kwargs) -> None:
         assembly.resumed_at = utcnow()
+        assembly.reindex()  # the tables are recovered by now: one pass, not one per study
 
     # Ticks share the instances' stream, so a tick is processed in order with the
     # instances of its partition and may modify the tables.

@@ -403,6 +403,91 @@ def test_the_assembly_stage_handlers_over_in_memory_tables() -> None:
     assert assembly.on_tick(AssemblyTimer(study_uid="1.2.404", due_at=T0)) == []
 
 
+def test_a_crash_that_kept_one_assembly_table_write_and_lost_the_other_loses_no_instance() -> None:
+    """The assembly's two tables are two changelogs: a SIGKILL can keep the write of one and
+    lose the other's, and the instance's event then comes again (its offset was not committed).
+    Stored but not counted: the study is repaired from the stored instances, not left without
+    them (once, an instance stored with no progress made the resend a "duplicate" and the study
+    never assembled). Counted but not stored: stored now, and counted once."""
+    from dataclasses import replace
+
+    from schemas.codec import Codec
+    from schemas.events import AssemblyTimer
+    from schemas.topics import STUDY_ASSEMBLED
+    from streams.assemble import Assembly
+    from streams.state import TypedTable
+
+    no_wait = timedelta(0)
+
+    def fresh() -> Assembly:
+        return Assembly(TypedTable({}, StudyProgress, Codec()), TypedTable({}, StoredInstance, Codec()), no_wait,
+                        RETENTION)
+
+    def restarted(before: Assembly) -> Assembly:  # a new process over what the changelogs kept
+        after = Assembly(before.studies, before.instances, no_wait, RETENTION)
+        after.reindex()
+        return after
+
+    # instance 2 stored, its progress write lost: the study has no progress at all
+    crashed = fresh()
+    assert crashed.on_instance(instance("1", study="1.2.7")) == []
+    crashed.instances["1.2.7|2"] = StoredInstance.of(instance("2", study="1.2.7"))
+    del crashed.studies["1.2.7"]
+    after = restarted(crashed)
+    assert after.on_instance(instance("2", study="1.2.7")) == []  # the event again: not a duplicate
+    assert after.studies["1.2.7"].instance_count == 2
+    (topic, study), = after.on_tick(AssemblyTimer(study_uid="1.2.7", due_at=T0))
+    assert topic is STUDY_ASSEMBLED and sorted(i.sop_instance_uid for i in study.instances) == ["1", "2"]
+
+    # instance 2 stored, the progress still counting 1 of the 2 it expects: complete at the resend
+    crashed = fresh()
+    assert crashed.on_instance(instance("1", expected=2)) == []
+    crashed.instances["1.2.3|2"] = StoredInstance.of(instance("2", expected=2))
+    (topic, study), = restarted(crashed).on_instance(instance("2", expected=2))
+    assert study.instance_count == 2 and study.completion_reason is CompletionReason.EXPECTED_COUNT_REACHED
+
+    # the progress counted instance 2, its instance write lost: stored at the resend, counted once
+    crashed = fresh()
+    assert crashed.on_instance(instance("1", expected=3)) == []
+    crashed.studies["1.2.3"] = replace(crashed.studies["1.2.3"], instance_count=2)
+    after = restarted(crashed)
+    assert after.on_instance(instance("2", expected=3)) == []  # 2 of 3: not complete early
+    assert after.studies["1.2.3"].instance_count == 2
+
+    # and a true resend is still a duplicate
+    assert after.on_instance(instance("2", expected=3)) == []
+    assert after.studies["1.2.3"].instance_count == 2 and len(after.instances.keys()) == 2
+
+
+def test_the_event_that_assembled_a_version_sends_that_version_again_when_it_comes_again() -> None:
+    """A crash can keep the assembly's table write and lose the study.assembled event beside it; the
+    triggering event then comes again (its offset was not committed) and must not be taken for a
+    duplicate, or the study never reaches the worklist. The same version goes again, never a new one;
+    other resends of the study's instances stay duplicates."""
+    from schemas.codec import Codec
+    from schemas.events import AssemblyTimer
+    from schemas.topics import STUDY_ASSEMBLED
+    from streams.assemble import Assembly
+    from streams.state import TypedTable
+
+    assembly = Assembly(TypedTable({}, StudyProgress, Codec()), TypedTable({}, StoredInstance, Codec()),
+                        timedelta(0), RETENTION)
+    assert assembly.on_instance(instance("1", expected=2)) == []
+    (_, first), = assembly.on_instance(instance("2", expected=2))  # its event lost in the crash
+    (topic, again), = assembly.on_instance(instance("2", expected=2))
+    assert topic is STUDY_ASSEMBLED and (again.version, again.instance_count) == (first.version, 2) == (1, 2)
+    assert again.completion_reason is CompletionReason.EXPECTED_COUNT_REACHED
+    assert assembly.on_instance(instance("1", expected=2)) == []  # not the trigger: a duplicate
+
+    assert assembly.on_instance(instance("9", study="1.2.9")) == []
+    tick = AssemblyTimer(study_uid="1.2.9", due_at=T0)
+    (_, quiet), = assembly.on_tick(tick)
+    (_, quiet_again), = assembly.on_tick(tick)
+    assert (quiet_again.version, quiet_again.completion_reason) == (quiet.version, quiet.completion_reason)
+    assert assembly.on_tick(AssemblyTimer(study_uid="1.2.9", due_at=T0 + QUIET)) == []  # another tick: nothing new
+    assert assembly.studies["1.2.9"].version == 1
+
+
 # ---------------------------------------------------------------- AI results in the identified zone
 
 
