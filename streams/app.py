@@ -51,6 +51,7 @@ def create_app(settings: Settings, stages=STAGES, role: str = "streams") -> tupl
         offsets_compat.install(settings.kafka_bootstrap)
     offsets_compat.install_fetch_wait(settings.kafka.fetch_max_wait_ms)
     offsets_compat.install_complete_flush()
+    offsets_compat.install_seek_unpositioned()
     ctx = StreamContext(app=app, settings=settings, codec=Codec(settings.kafka.schema_registry_url))
     for stage in stages:
         stage.register(ctx)

@@ -95,6 +95,39 @@ def install_fetch_wait(fetch_max_wait_ms: int) -> None:
     AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
 
 
+def install_seek_unpositioned() -> None:
+    """Resume every source partition the group has no committed offset for from its beginning,
+    explicitly, and log where each source partition resumes.
+
+    Faust leaves such a partition to the consumer's offset reset ("earliest"). After a SIGKILL of
+    everything within a second of a topic's first records -- no commit yet -- a restarted worker
+    was seen resuming ``instance.received`` past all six of its records without reading one (the
+    group's committed offsets still none minutes later, and a new group reading all six from the
+    same broker). Seeking to the beginning asks the broker for the log start itself, so the
+    records no commit covers are read again, as the offset reset promises.
+    """
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    original = getattr(AIOKafkaConsumerThread.seek_to_committed, "__wrapped__", AIOKafkaConsumerThread.seek_to_committed)
+
+    async def seek_to_committed(self):
+        committed = await original(self)
+        sources = {tp: offset for tp, offset in committed.items()
+                   if not tp.topic.endswith("-changelog") and "__assignor" not in tp.topic}
+        unpositioned = sorted((tp for tp, offset in sources.items() if offset is None or offset < 0),
+                              key=lambda tp: (tp.topic, tp.partition))
+        if unpositioned:
+            await self.call_thread(self._ensure_consumer().seek_to_beginning, *unpositioned)
+        log.info("source partitions resume", committed={f"{tp.topic}[{tp.partition}]": offset for tp, offset
+                                                        in sorted(sources.items(), key=lambda i: (i[0].topic, i[0].partition))
+                                                        if offset is not None and offset >= 0},
+                 from_the_beginning=[f"{tp.topic}[{tp.partition}]" for tp in unpositioned])
+        return committed
+
+    seek_to_committed.__wrapped__ = original
+    AIOKafkaConsumerThread.seek_to_committed = seek_to_committed
+
+
 def install(bootstrap: str) -> None:
     """Make Faust's highwater lookup (table recovery) use exact end offsets."""
     global _installed
