@@ -134,9 +134,9 @@ class Runtime:
             procs.stop(self.proc, grace_s=60)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and every live descendant (all threads)."""
-    total, ppids = 0.0, {}
+def _stat_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, utime + stime seconds, all threads) of every live process."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -144,23 +144,34 @@ def cpu_seconds(pid: int) -> float:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        ppids[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
-    family = {pid}
+        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return table
+
+
+def family(pid: int, table: dict[int, tuple[int, float]] | None = None) -> set[int]:
+    """``pid`` and every live descendant."""
+    table = _stat_table() if table is None else table
+    members = {pid}
     for _ in range(4):  # weed mini and the gateways fork no deeper
-        family |= {p for p, (ppid, _) in ppids.items() if ppid in family}
-    for p in family:
-        total += ppids.get(p, (0, 0.0))[1]
-    return total
+        members |= {p for p, (ppid, _) in table.items() if ppid in members}
+    return members
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and every live descendant (all threads)."""
+    table = _stat_table()
+    return sum(table.get(p, (0, 0.0))[1] for p in family(pid, table))
 
 
 def cpu_by_child(children: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in children.items()}
 
 
-def wait_until_idle(children: dict[str, int], idle_cpu_s: float = 0.1, quiet_s: float = 3.0,
+def wait_until_idle(children: dict[str, int], idle_cpu_s: float = 0.3, quiet_s: float = 3.0,
                     timeout_s: float = 120) -> None:
     """Until all children together burn under ``idle_cpu_s`` per second for ``quiet_s``:
-    assembly's quiet period, de-identification and the sink have finished."""
+    assembly's quiet period, de-identification and the sink have finished. An idle runtime
+    itself spends ~0.1 CPU-s/s (clocks, heartbeats, the AI worker), hence 0.3."""
     deadline, quiet_since = time.monotonic() + timeout_s, time.monotonic()
     before = sum(cpu_by_child(children).values())
     while time.monotonic() < deadline:
