@@ -77,7 +77,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from load.bench_ingest import Runtime, family, log, wait_until_idle
+from load.bench_ingest import family, log, start_runtime, wait_until_idle
 from radstream import procs
 from radstream.traffic import PlanError, Spread, StudySizes, parse_mix, parse_rate, parse_sites, plan, percentile
 from radstream.traffic_report import await_pipeline, spread_text, stage_latencies, stage_times
@@ -283,11 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.interval:g} s; sustained {len(sustained)} studies, {sizes:,} instances over "
               f"{args.duration:g} s ({rate:,.0f} studies/h, {sizes / args.duration:.1f} inst/s, scale {args.scale:g})",
               flush=True)
-        log("starting radstream up ...")
-        runtime = Runtime(settings, root / "up.log")
-        started = time.monotonic()
-        runtime.start()
-        log(f"radstream is ready after {time.monotonic() - started:.0f} s")
+        runtime = start_runtime(settings, root / "up.log")
         try:
             children = runtime.children()
             log("warm-up study ...")

@@ -157,6 +157,15 @@ def family(pid: int, table: dict[int, tuple[int, float]] | None = None) -> set[i
     return members
 
 
+def start_runtime(settings: Settings, log_path: Path) -> Runtime:
+    """``radstream up`` started and ready, saying so and how long it took."""
+    log("starting radstream up ...")
+    runtime, started = Runtime(settings, log_path), time.monotonic()
+    runtime.start()
+    log(f"radstream is ready after {time.monotonic() - started:.0f} s")
+    return runtime
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` and every live descendant (all threads)."""
     table = _stat_table()
@@ -253,11 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             orthanc.stop()
 
-        log("starting radstream up ...")
-        runtime = Runtime(settings, root / "up.log")
-        started = time.monotonic()
-        runtime.start()
-        log(f"radstream is ready after {time.monotonic() - started:.0f} s")
+        runtime = start_runtime(settings, root / "up.log")
         try:
             children = runtime.children()
             port, ae = settings.dicom.port, settings.dicom.ae_title

@@ -91,12 +91,13 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from adapters.blobs import open_blob_store
-from adapters.kafka import ensure_topics, producer_config
+from adapters.kafka import producer_config
 from adapters.telemetry import configure_logging
 from engines import load_engine
 from engines.card import default_models_dir, load_cards
 from engines.preprocess import aggregate, preprocess_instance, select_instances
 from load.bench_ingest import cpu_seconds
+from load.services import start_services, stop_all
 from radstream import procs
 from schemas.codec import Codec
 from schemas.events import InstanceRef, SeriesSummary, StudyDeidentified, utcnow
@@ -225,30 +226,6 @@ def bench_decode(card, blobs: Sequence[bytes], repeat: int, root: Path, rounds: 
 
 
 # ---------------------------------------------------------------- 3. the stage through Kafka
-
-
-def start_services(settings: Settings, root: Path) -> list:
-    """The object store (durable) and Tansu, as ``radstream up`` runs them; topics created."""
-    started, env = [], dict(os.environ)
-    if settings.blobs.backend == "s3":
-        from adapters.s3 import load_credentials
-        from radstream.objectstore import start_embedded, tansu_env
-
-        started.append(start_embedded(settings, root / "seaweedfs.log"))
-        env.update(tansu_env(settings, load_credentials(settings)))
-    try:
-        started.append(procs.start_tansu(settings.bind_host, settings.kafka.embedded_port, settings.kafka.storage,
-                                         log_path=root / "tansu.log", env=env))
-        ensure_topics(settings)
-    except BaseException:
-        stop_all(started)
-        raise
-    return started
-
-
-def stop_all(started: list) -> None:
-    for proc in reversed(started):
-        procs.stop(proc, grace_s=5)
 
 
 def start_inference(settings: Settings, log_path: Path, timeout_s: float = 120):

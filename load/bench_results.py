@@ -171,7 +171,9 @@ from load.results_measure import (
     KINDS, SITE, BenchError, DeliveryStates, Figures, expect, log, paced, percentile, ratio_line,
 )
 from load.results_outbox import run_outbox
-from load.results_peers import build_documents, instance_count, peers, pynetdicom_one_association
+from load.results_peers import (
+    build_documents, instance_count, peers, pynetdicom_one_association, write_destinations,
+)
 from load.results_pipeline import RULES, Runtime, Study, painted_head_cts, read_stamped
 from radstream import procs
 from schemas.events import DeliveryStatus, StudyResult, trace_id_for
@@ -303,9 +305,7 @@ def run_pipeline(args: argparse.Namespace, root: Path) -> None:
         orthanc = start_orthanc(root / "orthanc")
         dicom_port = int(orthanc.request("GET", "/system")["DicomPort"])
         ris = MllpPeer()
-        destinations_file.write_text(
-            f'[destinations.pacs]\nkind = "sr"\nhost = "127.0.0.1"\nport = {dicom_port}\ncalled_ae = "ORTHANC"\n\n'
-            f'[destinations.ris]\nkind = "oru"\nhost = "127.0.0.1"\nport = {ris.port}\nreceiving_app = "RIS"\n')
+        write_destinations(destinations_file, dicom_port, ris.port)
         log(f"starting radstream up ({'SeaweedFS blobs, ' if args.storage == 's3' else ''}tansu {storage}) ...")
         runtime = Runtime(settings, root / "up.log")
         up_s = runtime.start()

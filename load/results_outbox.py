@@ -18,8 +18,9 @@ from load.hl7_peer import MllpPeer
 from load.orthanc_peer import start_orthanc
 from load.results_measure import DeliveryStates, Outbox, expect, log, make_results, ours, percentile, ratio_line
 from load.results_peers import (
-    Documents, build_documents, instance_count, peers, pynetdicom_one_association, start_broker,
+    Documents, build_documents, instance_count, peers, pynetdicom_one_association, write_destinations,
 )
+from load.services import start_services, stop_all
 from radstream import procs
 from schemas.settings import load_settings
 from streams.delivery import Delivery, load_destinations
@@ -46,7 +47,7 @@ def run_outbox(args: argparse.Namespace, root: Path) -> None:
         results={"destinations_file": destinations_file}))
     configure_logging(settings, "bench")
     log(f"starting {'SeaweedFS + ' if args.storage == 's3' else ''}Tansu ({storage}), Orthanc, the RIS peer ...")
-    services = start_broker(settings, root)
+    services = start_services(settings, root)
     orthanc, ris, delivery, outbox, delivery_thread = None, None, None, None, None
     stop, states = threading.Event(), DeliveryStates(settings)
     one_assoc: list[float] = []
@@ -54,9 +55,7 @@ def run_outbox(args: argparse.Namespace, root: Path) -> None:
         orthanc = start_orthanc(root / "orthanc")
         dicom_port = int(orthanc.request("GET", "/system")["DicomPort"])
         ris = MllpPeer()
-        destinations_file.write_text(
-            f'[destinations.pacs]\nkind = "sr"\nhost = "127.0.0.1"\nport = {dicom_port}\ncalled_ae = "ORTHANC"\n\n'
-            f'[destinations.ris]\nkind = "oru"\nhost = "127.0.0.1"\nport = {ris.port}\nreceiving_app = "RIS"\n')
+        write_destinations(destinations_file, dicom_port, ris.port)
         delivery = Delivery(settings, load_destinations(destinations_file))
         ready = threading.Event()
         delivery_thread = threading.Thread(target=delivery.run, args=(stop, ready.set), name="delivery", daemon=True)
@@ -106,8 +105,7 @@ def run_outbox(args: argparse.Namespace, root: Path) -> None:
             ris.stop()
         if orthanc is not None:
             orthanc.stop()
-        for proc in reversed(services):
-            procs.stop(proc, grace_s=5)
+        stop_all(services)
 
     refs = [len(r.instances) for r in ours_results]
     findings = [len(r.findings) for r in ours_results]

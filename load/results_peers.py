@@ -17,13 +17,10 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from adapters.kafka import ensure_topics
 from adapters.result_documents import build_oru, build_sr, idempotency_key
 from load.orthanc_peer import Orthanc
 from load.results_measure import SITE, STORESCU, BenchError, Figures, paced
-from radstream import procs
 from schemas.events import StudyResult
-from schemas.settings import Settings
 
 
 
@@ -134,25 +131,13 @@ def peers(docs: Documents, dicom_port: int, mllp_port: int, rate: float) -> Figu
     return Figures(sr, oru, [max(a, b) for a, b in zip(sr, oru, strict=True)], span)
 
 
-def start_broker(settings: Settings, root: Path) -> list:
-    """Tansu on ``settings.kafka.storage``; for ``s3://``, the embedded SeaweedFS first. Topics made."""
-    started, env = [], dict(os.environ)
-    if settings.kafka.storage.startswith("s3://"):
-        from adapters.s3 import load_credentials
-        from radstream.objectstore import start_embedded, tansu_env
-
-        started.append(start_embedded(settings, root / "seaweedfs.log"))
-        env.update(tansu_env(settings, load_credentials(settings)))
-    try:
-        started.append(procs.start_tansu(settings.bind_host, settings.kafka.embedded_port, settings.kafka.storage,
-                                         log_path=root / "tansu.log", env=env))
-        ensure_topics(settings)
-    except BaseException:
-        for proc in reversed(started):
-            procs.stop(proc, grace_s=5)
-        raise
-    return started
-
-
 def instance_count(orthanc: Orthanc) -> int:
     return int(orthanc.request("GET", "/statistics")["CountInstances"])
+
+
+def write_destinations(path: Path, dicom_port: int, mllp_port: int) -> Path:
+    """The destinations file of ours: the SR to Orthanc (the peer PACS), the ORU to the RIS peer."""
+    path.write_text(
+        f'[destinations.pacs]\nkind = "sr"\nhost = "127.0.0.1"\nport = {dicom_port}\ncalled_ae = "ORTHANC"\n\n'
+        f'[destinations.ris]\nkind = "oru"\nhost = "127.0.0.1"\nport = {mllp_port}\nreceiving_app = "RIS"\n')
+    return path
