@@ -23,6 +23,11 @@ to 1.5 s. It sets ``kafka.fetch_max_wait_ms`` on the worker's consumer instead.
 changelog writes still buffered. A SIGKILL then lost them while their source events counted as
 done: a study's instances vanished from the assembly (tests/test_durability.py, 1 run in ~4
 here under load). The flush now waits until the buffer is empty.
+
+:func:`install_seek_unpositioned` resumes each source partition the group never committed an
+offset for from its beginning, explicitly, instead of leaving it to the offset reset: after a
+SIGKILL within a second of a topic's first records, a restarted worker was seen resuming past
+every record of such a partition.
 """
 
 from __future__ import annotations
