@@ -23,6 +23,11 @@ option codes) and Longitudinal Temporal Information Modified (0028,0303).
 Instances that may carry burned-in PHI in their pixels are never de-identified here:
 :func:`deidentify_instance` raises :class:`Quarantined` with the reason (PS3.15 E.3.1 —
 cleaning pixel data is not something this stage claims to do).
+
+Over 400 lines because the Annex E walk, the header-only read that keeps Pixel Data as the
+bytes received, and the writer that copies untouched elements byte for byte are one hot path
+over pydicom's raw elements: split, each half would reach into the other's positions. The
+profile and option tables live in :mod:`schemas.deid`, the IOD types in :mod:`deid.iod`.
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ A critical finding's alert escalates until someone acknowledges it (:mod:`stream
 of the study's site and admins acknowledge it by finding; the :class:`AlertAck` is published,
 acknowledged, on ``alert.ack`` and audited, and answered 200 (the alerts stage cannot refuse it: an
 escalation already on its way is the only thing it may not stop).
+
+Just over 400 lines: one aiohttp application, its routes and the authorisation and audit every
+route shares; the answers' shapes are in :mod:`gateways.http_answers`, the dashboard's routes
+in :mod:`gateways.dashboard`.
 """
 
 from __future__ import annotations
