@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import DataElement, RawDataElement
@@ -273,22 +274,24 @@ def deidentify_dataset(ds: Dataset, policy: SitePolicy, keys: DeidKeys,
     patient_id = _text(ds.get(_PATIENT_ID))
     walk = _Walk(plan, keys, keys.pseudonym(issuer, patient_id), keys.date_shift(issuer, patient_id), types_for(ds))
     walk.dataset(ds)
-    ds[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", walk.pseudonym)
-    ds[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", walk.pseudonym)
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = DEID_METHOD
-    ds.DeidentificationMethodCodeSequence = Sequence([_code(value, meaning) for value, meaning in policy.codes])
-    ds.LongitudinalTemporalInformationModified = "MODIFIED" if plan.shift_dates else "REMOVED"
+    # Written as elements of known VR, not by keyword: setting a keyword converts the
+    # element it replaces first, and these values are ours, valid by construction.
+    _put(ds, _PATIENT_NAME, "PN", walk.pseudonym)
+    _put(ds, _PATIENT_ID, "LO", walk.pseudonym)
+    _put(ds, 0x00120062, "CS", "YES")  # Patient Identity Removed
+    _put(ds, 0x00120063, "LO", DEID_METHOD)  # De-identification Method
+    _put(ds, 0x00120064, "SQ", Sequence(_codes(tuple(policy.codes))))
+    _put(ds, 0x00280303, "CS", "MODIFIED" if plan.shift_dates else "REMOVED")  # Longitudinal Temporal ...
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         for tag in _META_REMOVE:
             if tag in meta:
                 del meta[tag]
-        if "SOPInstanceUID" in ds:
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if (sop_instance_uid := ds.get_item(_SOP_INSTANCE_UID)) is not None:
+            _put(meta, 0x00020003, "UI", _raw_text(ds, _SOP_INSTANCE_UID) or sop_instance_uid.value)
         # PS3.10 7.1: the implementation that wrote this file is us, not the sender's
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "RADSTREAM_DEID"
+        _put(meta, 0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID)
+        _put(meta, 0x00020013, "SH", "RADSTREAM_DEID")
     if source is not None:
         header = _encode(ds, source)
     else:
@@ -296,20 +299,63 @@ def deidentify_dataset(ds: Dataset, policy: SitePolicy, keys: DeidKeys,
         dcmwrite(out, ds)
         header = out.getvalue()
     encoded = header if pixel_element is None else b"".join((header, pixel_element))
-    number = ds.get("InstanceNumber")
-    series_number = ds.get("SeriesNumber")
+    number = _raw_text(ds, 0x00200013)  # Instance Number
+    series_number = _raw_text(ds, 0x00200011)  # Series Number
     return DeidentifiedInstance(
         data=encoded, study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
-        sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.get("SOPClassUID", "")),
+        sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=_raw_text(ds, 0x00080016) or "",
         transfer_syntax_uid=str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else "",
         patient_pseudonym=walk.pseudonym,
-        instance_number=int(number) if number not in (None, "") else None,
-        series_number=int(series_number) if series_number not in (None, "") else None,
-        modality=_text(ds.get("Modality")), body_part_examined=_text(ds.get("BodyPartExamined")),
-        series_description=_text(ds.get("SeriesDescription")), study_description=_text(ds.get("StudyDescription")),
-        patient_age=_text(ds.get("PatientAge")), patient_sex=_text(ds.get("PatientSex")),
-        study_date=_text(ds.get("StudyDate")), study_time=_text(ds.get("StudyTime")), date_shift=walk.shift,
+        instance_number=_integer(number), series_number=_integer(series_number),
+        modality=_raw_text(ds, 0x00080060), body_part_examined=_raw_text(ds, 0x00180015),
+        series_description=_raw_text(ds, 0x0008103E), study_description=_raw_text(ds, 0x00081030),
+        patient_age=_raw_text(ds, 0x00101010), patient_sex=_raw_text(ds, 0x00100040),
+        study_date=_raw_text(ds, 0x00080020), study_time=_raw_text(ds, 0x00080030), date_shift=walk.shift,
     )
+
+
+_SOP_INSTANCE_UID = 0x00080018
+
+
+def _put(ds: Dataset, tag: int, vr: str, value) -> None:
+    """Set an element whose value radstream made (a pseudonym, a code, a UID): not re-validated."""
+    ds[tag] = DataElement(tag, vr, value, validation_mode=pydicom_config.IGNORE)
+
+
+def _raw_text(ds: Dataset, tag: int) -> str | None:
+    """An element's first value as stripped text (None when absent or empty), read from its
+    raw bytes when they are plain ASCII (no character set can change them), else through pydicom."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement) and elem.value is not None and elem.value.isascii():
+        text = elem.value.decode("ascii").split("\\", 1)[0].strip(" \0")
+        return text or None
+    value = ds[tag].value
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    return _text(value)
+
+
+def _raw_values(ds: Dataset, tag: int, vr: str) -> list[str] | None:
+    """The values of a still-raw, plain-ASCII element read as ``vr`` (multi-valued: split at
+    backslashes, each stripped of padding), as pydicom would convert them; None when the
+    element is not raw, not ASCII, or was read with another VR (then pydicom converts it)."""
+    elem = ds.get_item(tag)
+    if not isinstance(elem, RawDataElement) or elem.VR not in (vr, None) or elem.value is None \
+            or not elem.value.isascii():
+        return None
+    if elem.VR is None and _dictionary_vr(tag) != vr:
+        return None
+    text = elem.value.decode("ascii").strip(" \0")
+    return [value.strip(" \0") for value in text.split("\\")] if text else []
+
+
+def _integer(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 _LONG_VR_NAMES = frozenset(vr.decode() for vr in _LONG_VRS)
@@ -340,8 +386,9 @@ def _write_elements(out: DicomBytesIO, ds: Dataset, source: bytes, encodings, ba
     elements count from (pydicom parses a sequence from its own value, so positions
     inside items are relative to it), None when they are unknown."""
     little, implicit = out.is_little_endian, out.is_implicit_VR
-    for tag in sorted(ds.keys()):
-        elem = ds.get_item(tag)
+    # ``_dict`` (pydicom's tag -> raw or converted element) read directly: get_item per tag
+    # converted each tag again and was a tenth of the stage's time.
+    for tag, elem in sorted(ds._dict.items()):
         if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF and elem.VR != "SQ":
             encoded = _raw_slice(source, elem, base, little, implicit)
             if encoded is not None:
@@ -452,9 +499,18 @@ def _text(value) -> str | None:
     return str(value).strip() or None
 
 
+@cache
+def _codes(codes: tuple[tuple[str, str], ...]) -> tuple[Dataset, ...]:
+    """The items of the De-identification Method Code Sequence: made once per set of codes
+    (the same for every instance of a site) and never changed, so instances share them."""
+    return tuple(_code(value, meaning) for value, meaning in codes)
+
+
 def _code(value: str, meaning: str) -> Dataset:
     item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+    _put(item, 0x00080100, "SH", value)  # Code Value
+    _put(item, 0x00080102, "SH", "DCM")  # Coding Scheme Designator
+    _put(item, 0x00080104, "LO", meaning)  # Code Meaning
     return item
 
 
@@ -487,7 +543,9 @@ class _Walk:
         self.keep_uids = plan.policy.keep_uid_prefixes
 
     def dataset(self, ds: Dataset, path: tuple[int, ...] = ()) -> None:
-        for tag in list(ds.keys()):
+        # A snapshot of pydicom's tag -> element dict: each action changes only its own tag
+        # (and the items of its own sequence), so every element is still current when reached.
+        for tag, raw in list(ds._dict.items()):
             tag = int(tag)
             group = tag >> 16
             if group & 1:
@@ -497,7 +555,6 @@ class _Walk:
             if tag & 0xFFFF == 0:  # group length: wrong once anything changes (retired)
                 del ds[tag]
                 continue
-            raw = ds.get_item(tag)
             vr = raw.VR or _dictionary_vr(tag)
             action = self.plan.action(tag, path, vr, self.types)
             if action is None:
@@ -527,14 +584,17 @@ class _Walk:
             self.dataset(item, (*path, tag))
 
     def _remap(self, ds: Dataset, tag: int, always: bool = False) -> None:
-        element = ds[tag]
-        if element.VR != "UI":
-            del ds[tag]  # a UID we cannot read as one: remove rather than pass it on
-            return
-        values = element.value if isinstance(element.value, MultiValue) else [element.value]
+        values = _raw_values(ds, tag, "UI")
+        if values is None:
+            element = ds[tag]
+            if element.VR != "UI":
+                del ds[tag]  # a UID we cannot read as one: remove rather than pass it on
+                return
+            values = [str(x) for x in (element.value if isinstance(element.value, MultiValue) else [element.value])]
         mapped = [v if not v or (not always and v.startswith(self.keep_uids)) or v.startswith("1.2.840.10008.")
-                  else self.keys.uid(v) for v in (str(x) for x in values)]
-        element.value = mapped if len(mapped) != 1 else mapped[0]
+                  else self.keys.uid(v) for v in values]
+        if mapped != values:  # else the element stays as received, byte for byte
+            _put(ds, tag, "UI", mapped if len(mapped) != 1 else mapped[0])
 
     def _empty(self, ds: Dataset, tag: int, vr: str) -> None:
         if tag in (_PATIENT_NAME, _PATIENT_ID):
@@ -563,8 +623,10 @@ class _Walk:
         elif vr == "TM":
             pass  # time of day is kept with modified dates; the shift is whole days
         elif vr in ("DA", "DT") and self.plan.shift_dates:
-            element = ds[tag]
-            values = element.value if isinstance(element.value, MultiValue) else [element.value]
+            values = _raw_values(ds, tag, vr)
+            if values is None:
+                element = ds[tag]
+                values = element.value if isinstance(element.value, MultiValue) else [element.value]
             shifted = []
             for value in (str(v) for v in values if v not in (None, "")):
                 moved = shift_date(value[:8], self.shift)
@@ -572,12 +634,12 @@ class _Walk:
                     del ds[tag]  # a partial or malformed date cannot be shifted safely
                     return
                 shifted.append(moved + value[8:] if vr == "DT" else moved)
-            ds[tag] = DataElement(tag, vr, shifted if len(shifted) != 1 else shifted[0])
+            _put(ds, tag, vr, shifted if len(shifted) != 1 else shifted[0])
         elif vr in _TEXT_VRS:
             value = ds[tag].value
             values = value if isinstance(value, MultiValue) else [value]
             cleaned = [self.clean_text(str(v)) for v in values if v not in (None, "")]
-            ds[tag] = DataElement(tag, vr, cleaned if len(cleaned) != 1 else cleaned[0])
+            _put(ds, tag, vr, cleaned if len(cleaned) != 1 else cleaned[0])  # words of a valid value
         elif vr in ("DA", "DT"):
             self._empty(ds, tag, vr)
         else:

@@ -12,6 +12,11 @@ from the heap and speeds them up by half), so no tool may inherit another's. Pri
 instances/s per tool and ``ours / peer = ratio`` lines.
 
     python -m load.bench_deidentify [--seconds 3] [--same-process]
+
+Measured 2026-12-07 on the shared 2-core machine: ours 271-328 instances/s, dicognito
+42.5-51, ``ours / dicognito`` 5.7-7.7 over 4 runs (4.2 that morning before the engine read
+event fields and unchanged UIDs from raw bytes and stopped converting every element
+twice; cProfile counted 2.59 M calls per 240 instances before, 1.76 M after).
 """
 
 from __future__ import annotations
