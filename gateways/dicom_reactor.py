@@ -1,0 +1,187 @@
+"""Event-driven waits for pynetdicom's two polling reactors.
+
+pynetdicom runs two threads per association, and both poll: the DUL reactor sleeps
+1 ms whenever a pass found nothing to do (``DULServiceProvider._run_loop_delay``, with
+its own "TODO: try and make this event based"), and the association reactor sleeps
+1 ms before every pass (``Association._run_reactor``). Each wake takes the GIL. Measured
+on the 2-core dev machine (2026-12-07): four idle associations cost the SCP process
+0.33 CPU cores, and under load the wakes compete for the GIL with the threads that are
+receiving, hashing and uploading instances.
+
+:func:`install` makes both waits block until there is something to do:
+
+- the DUL reactor waits in ``select()`` on the association's socket and on a wake-up
+  pipe, written whenever another thread queues a primitive to send
+  (``to_provider_queue``) or a state-machine event (``event_queue``);
+- the association reactor waits on a :class:`threading.Event`, set whenever the DUL
+  hands it a primitive (``to_user_queue``: a release or abort request) or the DIMSE
+  provider a decoded message (``msg_queue``).
+
+Both waits still time out after :data:`MAX_WAIT_S`, so what the reactors check by
+polling alone (the ARTIM and network timers, a DUL thread that died, a kill flag) is
+seen within that time. Only the two reactor sleeps change: every other
+``time.sleep`` of those modules (an SCU waiting on a paused reactor, ``stop_dul``)
+behaves as before, and a pynetdicom whose reactors are named differently simply
+keeps polling.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+#: The longest either reactor waits without a wake-up (its timers' granularity).
+MAX_WAIT_S = 0.05
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+class _WakingQueue(queue.Queue):
+    """A queue that calls ``wake`` after every put (``put_nowait`` goes through ``put``)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+def _swap(old: queue.Queue, wake: Callable[[], None]) -> _WakingQueue:
+    new = _WakingQueue(wake)
+    while True:  # nothing should be queued yet at construction; keep it if there is
+        try:
+            new.queue.append(old.get_nowait())
+        except queue.Empty:
+            return new
+
+
+class _WakePipe:
+    """A non-blocking pipe one thread waits on and any thread writes to."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:  # never write to a closed (and perhaps reused) descriptor
+            if not self._closed:
+                try:
+                    os.write(self._write_fd, b"\0")
+                except BlockingIOError:  # full: a wake-up is pending anyway
+                    pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.read_fd)
+                os.close(self._write_fd)
+
+
+def _association_event(assoc: Any) -> threading.Event:
+    event = assoc.__dict__.get("_radstream_wake")
+    if event is None:
+        event = assoc.__dict__.setdefault("_radstream_wake", threading.Event())
+    return event
+
+
+def _dul_wait(dul: Any, timeout_s: float) -> None:
+    """Block the DUL reactor until its socket is readable, a primitive or event is queued, or ``timeout_s``."""
+    pipe: _WakePipe | None = dul.__dict__.get("_radstream_pipe")
+    if pipe is None:
+        time.sleep(timeout_s)
+        return
+    waiting = [pipe.read_fd]
+    sock = getattr(dul.socket, "socket", None)
+    try:
+        if sock is not None and sock.fileno() >= 0:
+            pending = getattr(sock, "pending", None)  # TLS: decrypted bytes select() cannot see
+            if pending is not None and pending():
+                return
+            waiting.append(sock.fileno())
+        select.select(waiting, [], [], timeout_s)
+    except (OSError, ValueError):  # the socket closed under us: the next pass sees it
+        pass
+    pipe.drain()
+
+
+class _ReactorTime(SimpleNamespace):
+    """Stands in for the ``time`` module inside pynetdicom's ``dul`` and ``association``
+    modules: ``sleep`` called by a reactor loop waits for work instead."""
+
+    def __init__(self, reactor: str, wait: Callable[[Any, float], None]) -> None:
+        super().__init__(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__") and name != "sleep"})
+        self._reactor = reactor
+        self._wait = wait
+
+    def sleep(self, seconds: float) -> None:
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == self._reactor:
+            owner = caller.f_locals.get("self")
+            if owner is not None and owner is threading.current_thread():
+                self._wait(owner, MAX_WAIT_S)
+                return
+        time.sleep(seconds)
+
+
+def _assoc_wait(assoc: Any, timeout_s: float) -> None:
+    event = _association_event(assoc)
+    event.wait(timeout_s)
+    event.clear()  # before the reactor's checks, so a put after them wakes the next wait
+
+
+def install() -> None:
+    """Make pynetdicom's reactors event-driven in this process (idempotent)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        from pynetdicom import association, dimse, dul
+
+        dul_init = dul.DULServiceProvider.__init__
+        run_reactor = dul.DULServiceProvider.run_reactor
+        dimse_init = dimse.DIMSEServiceProvider.__init__
+
+        def dul_init_waking(self: Any, assoc: Any) -> None:
+            dul_init(self, assoc)
+            pipe = self.__dict__["_radstream_pipe"] = _WakePipe()
+            self.event_queue = _swap(self.event_queue, pipe.wake)
+            self.to_provider_queue = _swap(self.to_provider_queue, pipe.wake)
+            self.to_user_queue = _swap(self.to_user_queue, _association_event(assoc).set)
+
+        def run_reactor_closing(self: Any) -> None:
+            try:
+                run_reactor(self)
+            finally:
+                pipe = self.__dict__.get("_radstream_pipe")
+                if pipe is not None:
+                    pipe.close()
+
+        def dimse_init_waking(self: Any, assoc: Any) -> None:
+            dimse_init(self, assoc)
+            self.msg_queue = _swap(self.msg_queue, _association_event(assoc).set)
+
+        dul.DULServiceProvider.__init__ = dul_init_waking
+        dul.DULServiceProvider.run_reactor = run_reactor_closing
+        dimse.DIMSEServiceProvider.__init__ = dimse_init_waking
+        dul.time = _ReactorTime("run_reactor", _dul_wait)
+        association.time = _ReactorTime("_run_reactor", _assoc_wait)
+        _installed = True
