@@ -379,6 +379,31 @@ def test_every_event_on_a_sink_topic_has_rows_that_fill_their_table() -> None:
     assert table == "patient_updates" and (update["patient_id"], update["patient_state"]) == ("P1", "NV")
 
 
+def test_the_assembly_clock_wakes_when_the_next_study_falls_quiet() -> None:
+    """The clock sleeps until the earliest open study's quiet period ends, not a whole scan
+    interval past it; never longer than the interval, and studies already due or assembled
+    by count do not shorten it."""
+    from schemas.codec import Codec
+    from streams.assemble import Assembly
+    from streams.state import TypedTable
+
+    quiet = timedelta(seconds=5)
+    assembly = Assembly(TypedTable({}, StudyProgress, Codec()), TypedTable({}, StoredInstance, Codec()), quiet,
+                        timedelta(hours=1))
+    assembly.due_ticks(T0)
+    assert assembly.clock_wait_s(T0, 0.5) == 0.5  # nothing open: the scan interval
+    assembly.on_instance(instance("1"))
+    assembly.on_instance(instance("7", study="1.2.7", expected=1))  # complete by count: nothing to wait for
+    seen = assembly.studies.get("1.2.3").last_seen_at
+    assert assembly.due_ticks(seen + timedelta(seconds=1)) == []
+    assert assembly.clock_wait_s(seen + timedelta(seconds=1), 0.5) == 0.5  # due in 4 s: one interval
+    assert assembly.clock_wait_s(seen + timedelta(seconds=4.8), 0.5) == pytest.approx(0.2)  # just until due
+    assert assembly.clock_wait_s(seen + timedelta(seconds=4.999), 0.5) == 0.01  # floor: no busy loop
+    (tick,) = assembly.due_ticks(seen + timedelta(seconds=5))
+    assert tick.study_uid == "1.2.3"
+    assert assembly.clock_wait_s(seen + timedelta(seconds=5), 0.5) == 0.5  # due and asked: back to scanning
+
+
 def test_the_assembly_stage_handlers_over_in_memory_tables() -> None:
     """The handlers the runner calls, with dicts for Faust tables: a study complete by count
     is assembled at once, a quiet one when the clock's tick comes, and expired after."""
