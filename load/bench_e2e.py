@@ -65,6 +65,20 @@ objectstore 550 (401 -> 515), inference 401 (350 -> 401), warehouse 392 (352 -> 
 291 (274 -> 291), dicom-gateway 166 (129 -> 163), stow-gateway 121, reading-api 64,
 hl7-gateway 56, broker 23; all 2,064 (1,767 -> 2,022, +255 over the 3 minutes of sending,
 most of it SeaweedFS).
+
+Re-measured 2026-12-07 on the same machine, ``--duration 60``, one run each, after the
+assembly clock began waking when the next study falls quiet instead of every 0.5 s, by the
+stream workers' fetch wait (``kafka.fetch_max_wait_ms``), p50 / p99 in seconds:
+
+    fetch wait       announced     quiet period   sustained: routed/h while backlogged
+    1500 ms          1.05 / 1.42   6.40 / 7.07    3,495  (MISSED quiet target by 0.07 s)
+    250 ms (default) 0.22 / 0.27   5.30 / 5.42    3,515
+    50 ms            0.07 / 0.30   5.13 / 5.19    2,653  (idle fetches load the object store)
+
+At 1500 ms every hop took ~0.8 s (the flat routed - assembled interval of issue 20): Tansu
+holds a fetch to its end even when records arrive. The sustained row's backlog grew at every
+setting (offered 4,320 studies/h at ``--scale 0.1``); its bottleneck is CPU, shared on 2 cores
+by the object store, the gateway and de-identification (``load/bench_ingest.py``).
 """
 
 from __future__ import annotations

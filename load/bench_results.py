@@ -111,10 +111,12 @@ fetch as soon as a record arrives (the outbox analysis below found that for libr
 With that wait clamped to 20 ms the results stage fell to 361 ms p50 and SR to 580 ms (12
 studies, load 7), at the cost of the stream workers' idle polling. It is the setting
 ``kafka.fetch_max_wait_ms`` (streams/offsets_compat.install_fetch_wait): at 50 ms the results
-stage is ~220 ms p50 and the SR ~350 ms from the AI result. Its default stays Faust's 1500 ms:
-at 50 ms a SIGKILL of the runtime inside the quiet period lost acknowledged instances in 2
-runs of 3 (an unfixed commit-before-changelog problem the slow fetch hides); run the bench
-with RADSTREAM_KAFKA_FETCH_MAX_WAIT_MS=50 to see the figure above. Not the whole story: in a burst
+stage is ~220 ms p50 and the SR ~350 ms from the AI result. Its default was Faust's 1500 ms
+while a SIGKILL of the runtime inside the quiet period lost acknowledged instances at 50 ms (2
+runs of 3); since unpositioned source partitions are sought explicitly
+(streams/offsets_compat.install_seek_unpositioned) that test passes at 50 ms under load, and
+the default is 250 ms (see the setting for why not 50). The figures above are from the
+1500 ms default; run the bench with RADSTREAM_KAFKA_FETCH_MAX_WAIT_MS=50 to see the 50 ms ones. Not the whole story: in a burst
 of 2 studies the three hops took 0.44-0.47 s together without the clamp, so when a held
 fetch ends early is still to be found.
 The delivery part is what outbox mode measures: ~60 ms from the outbox to the destination's
