@@ -44,6 +44,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from adapters.blobs import open_blob_store
 from adapters.telemetry import get_logger
+from gateways import dicom_reactor
 from gateways.deadletter import BROKER_UNAVAILABLE
 from gateways.dicom_associations import (
     PeerGoneIsInfo,
@@ -259,6 +260,7 @@ def build_ae(settings: Settings, store: BlobStore, publisher: EventPublisher) ->
     """The gateway's AE: Verification and every storage SOP class, each with every
     transfer syntax pynetdicom knows (uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000,
     HTJ2K, RLE, MPEG/HEVC), since the data set is stored as received and never decoded."""
+    dicom_reactor.install()  # pynetdicom's reactors wait for work instead of polling every 1 ms
     ae = GatewayAE(settings.dicom.ae_title, event_handlers(store, publisher, SitePolicy.from_settings(settings)),
                    settings.dicom.max_unassociated_per_peer)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
