@@ -1,6 +1,7 @@
 """One DICOM instance in, one de-identified instance out (DICOM PS3.15 Annex E).
 
-About 600 lines: one walk over the data set whose actions share the plan, the cleaner and the byte-level encoder.
+About 670 lines: one walk over the data set whose actions share the plan, the cleaner, the byte-level
+encoder and the raw-byte readers that keep untouched elements unconverted.
 
 Works on the encoded dataset as pydicom reads it: elements stay raw (undecoded bytes)
 unless an action needs their value, so Pixel Data, and every attribute the profile
@@ -328,9 +329,8 @@ def _raw_text(ds: Dataset, tag: int) -> str | None:
     elem = ds.get_item(tag)
     if elem is None:
         return None
-    if isinstance(elem, RawDataElement) and elem.value is not None and elem.value.isascii():
-        text = elem.value.decode("ascii").split("\\", 1)[0].strip(" \0")
-        return text or None
+    if (values := _ascii_values(elem)) is not None:
+        return values[0] if values and values[0] else None
     value = ds[tag].value
     if isinstance(value, MultiValue):
         value = value[0] if len(value) else None
@@ -342,10 +342,15 @@ def _raw_values(ds: Dataset, tag: int, vr: str) -> list[str] | None:
     backslashes, each stripped of padding), as pydicom would convert them; None when the
     element is not raw, not ASCII, or was read with another VR (then pydicom converts it)."""
     elem = ds.get_item(tag)
-    if not isinstance(elem, RawDataElement) or elem.VR not in (vr, None) or elem.value is None \
-            or not elem.value.isascii():
+    if elem is None or elem.VR not in (vr, None) or (elem.VR is None and _dictionary_vr(tag) != vr):
         return None
-    if elem.VR is None and _dictionary_vr(tag) != vr:
+    return _ascii_values(elem)
+
+
+def _ascii_values(elem) -> list[str] | None:
+    """A raw, plain-ASCII element's values split at backslashes and stripped of padding
+    (empty: []); None for a converted or non-ASCII element."""
+    if not isinstance(elem, RawDataElement) or elem.value is None or not elem.value.isascii():
         return None
     text = elem.value.decode("ascii").strip(" \0")
     return [value.strip(" \0") for value in text.split("\\")] if text else []

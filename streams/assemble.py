@@ -142,6 +142,11 @@ def complete_by_count(progress: StudyProgress) -> bool:
     return progress.pending and progress.expected_count is not None and progress.instance_count >= progress.expected_count
 
 
+def quiet_since_of(progress: StudyProgress, not_before: datetime | None) -> datetime:
+    """When the study's quiet period started: its last instance, or ``not_before`` if later."""
+    return max(progress.last_seen_at, not_before) if not_before else progress.last_seen_at
+
+
 def decide(progress: StudyProgress, now: datetime, quiet_period: timedelta, retention: timedelta,
            not_before: datetime | None = None) -> Action:
     """What the clock says about a study.
@@ -150,7 +155,7 @@ def decide(progress: StudyProgress, now: datetime, quiet_period: timedelta, rete
     rebalance, backlog instances still unread on the topic must get a chance to arrive
     before a study open at the crash is declared complete.
     """
-    quiet_since = max(progress.last_seen_at, not_before) if not_before else progress.last_seen_at
+    quiet_since = quiet_since_of(progress, not_before)
     if progress.pending:
         if complete_by_count(progress) or now - quiet_since >= quiet_period:
             return Action.ASSEMBLE
@@ -316,8 +321,7 @@ class Assembly:
         for study_uid, progress in self.studies.items():
             if decide(progress, now, self.quiet_period, self.retention, self.resumed_at) is Action.WAIT:
                 if progress.pending:
-                    quiet_since = max(progress.last_seen_at, self.resumed_at) if self.resumed_at else progress.last_seen_at
-                    due_at = quiet_since + self.quiet_period
+                    due_at = quiet_since_of(progress, self.resumed_at) + self.quiet_period
                     if self.next_due_at is None or due_at < self.next_due_at:
                         self.next_due_at = due_at
                 continue
