@@ -43,6 +43,26 @@ def _progress_bar(label: str) -> Iterator[Progress]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+class SpeedType(click.ParamType):
+    """A replay speed: ``10x`` or ``10`` (ten times the recorded pacing), ``0`` for unpaced."""
+
+    name = "SPEED"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            number = float(value)
+        else:
+            text = str(value).strip().lower()
+            try:
+                number = float(text[:-1] if text.endswith("x") else text)
+            except ValueError:
+                self.fail(f"{value!r} is not a speed: a multiple like 10x, 0.5x or 0 (as fast as possible)",
+                          param, ctx)
+        if not number >= 0 or number == float("inf"):
+            self.fail(f"{value!r}: a speed is 0 (as fast as possible) or a finite multiple above 0", param, ctx)
+        return number
+
+
 def _per_second(count: int, seconds: float) -> str:
     return f"{count / seconds:.0f} records/s" if seconds > 0 else "- records/s"
 
@@ -131,8 +151,8 @@ def register(cli: click.Group, config_option, settings_of) -> None:
     @load.command("replay")
     @config_option
     @click.argument("recording_path", metavar="RECORDING", type=click.Path(dir_okay=False, path_type=Path))
-    @click.option("--speed", type=click.FloatRange(0), default=1.0, show_default=True,
-                  help="multiple of the recorded pacing: 1 as recorded, 10 ten times faster, 0 as fast as possible")
+    @click.option("--speed", type=SpeedType(), default="1x", show_default=True,
+                  help="multiple of the recorded pacing: 1x as recorded, 10x ten times faster, 0 as fast as possible")
     @click.option("--rate", type=click.FloatRange(0, min_open=True),
                   help="a fixed number of records per second instead of the recorded pacing")
     @click.option("--keep-partitions", is_flag=True,
@@ -188,6 +208,9 @@ def register(cli: click.Group, config_option, settings_of) -> None:
         click.echo(f"replayed {delivered} records of {len(targets)} topics to "
                    f"{', '.join(sorted(set(targets.values())))} in {report.elapsed_s:.1f} s "
                    f"({_per_second(delivered, report.elapsed_s)}), failed {failed}")
+        if report.pace_kept is not None:
+            click.echo(f"pace: sent over {report.sent_s:.2f} s against {report.planned_s:.2f} s asked "
+                       f"({report.pace_kept:.1%} of the requested {'rate' if rate else 'speed'})")
         if not report.ok:
             ctx.exit(1)
 

@@ -419,17 +419,21 @@ def schedule(records: Sequence[RecordedMessage], speed: float | None,
 
 
 def pace(plan: Iterable[tuple[float, T]], send: Callable[[T], None], *, clock: Callable[[], float],
-         wait: Callable[[float], None]) -> None:
+         wait: Callable[[float], None]) -> float:
     """Send each planned item no earlier than its delay after the start on ``clock``.
 
     ``wait`` may return early (the producer's poll does when delivery reports arrive): the
-    time left is measured again before sending.
+    time left is measured again before sending. Returns when the last item went, in
+    seconds after the start (0.0 for an empty plan): against the plan's last delay, how
+    closely the requested pace was kept.
     """
-    started = clock()
+    started = last = clock()
     for delay, item in plan:
         while (left := started + delay - clock()) > 0:
             wait(left)
         send(item)
+        last = clock()
+    return last - started
 
 
 def replay_targets(settings: Settings, header: RecordingHeader, *, prefix: str | None = None,
@@ -467,10 +471,20 @@ class ReplayReport:
     failed: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # "topic: reason" -> records
     elapsed_s: float = 0.0
+    planned_s: float = 0.0  # first to last send as the pace asked (every loop)
+    sent_s: float = 0.0  # first to last send as it happened
 
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @property
+    def pace_kept(self) -> float | None:
+        """Achieved over requested speed (1.0: on pace; 0.9: 10 % slow); None when the
+        replay was unpaced (all at once) or had one instant to keep."""
+        if self.planned_s <= 0 or self.sent_s <= 0:
+            return None
+        return self.planned_s / self.sent_s
 
 
 class Replayer:
@@ -542,8 +556,9 @@ class Replayer:
         started = time.monotonic()
         plan = schedule(self.recording.messages, speed, rate)
         for _loop in range(loops):
-            pace(plan, lambda m: self._produce(producer, m), clock=time.monotonic,
-                 wait=lambda left: producer.poll(min(left, 0.5)))
+            self.report.sent_s += pace(plan, lambda m: self._produce(producer, m), clock=time.monotonic,
+                                       wait=lambda left: producer.poll(min(left, 0.5)))
+            self.report.planned_s += plan[-1][0] if plan else 0.0
         left = producer.flush(self.timeout_s + 5)
         if left:
             self.report.failed["(not acknowledged)"] += left
