@@ -42,12 +42,13 @@ def producer_config(settings: Settings, **extra: object) -> dict[str, object]:
     ``murmur2_random`` is the Java client's partitioner, which Faust (aiokafka) uses
     too: a study's events from a gateway and from a stream stage must land on the same
     partition number, or Faust tables keyed by study would not be co-partitioned.
+    Idempotence follows ``kafka.producer_idempotence`` (see :class:`gateways.publisher.EventPublisher`).
     """
     return {
         "bootstrap.servers": settings.kafka_bootstrap,
         "client.id": settings.kafka.client_id,
         "partitioner": "murmur2_random",
-        "enable.idempotence": True,
+        "enable.idempotence": settings.kafka.producer_idempotence,
         "acks": "all",
         **extra,
     }

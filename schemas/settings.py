@@ -63,6 +63,14 @@ class KafkaSettings(_Group):
         None, description="Confluent schema registry; unset means Avro single-object encoding"
     )
     client_id: str = "radstream"
+    producer_idempotence: bool = Field(
+        False,
+        description="librdkafka's idempotent producer (enable.idempotence) for gateways, replay and delivery. Off "
+                    "by default: every publish waits for its own ack, so nothing it would reorder is in flight "
+                    "together, and consumers drop duplicates by key; on Tansu each idempotent produce also "
+                    "rewrites the cluster's one metadata object (measured: 4.67 -> 2.90 object-store PUTs per "
+                    "instance). Turn it on for a Kafka cluster if you like: there it is cheap",
+    )
     verify_end_offsets: bool = Field(
         True, description="read the last batch to find exact changelog ends (Tansu misreports them)"
     )
