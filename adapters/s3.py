@@ -5,7 +5,13 @@ instance stored twice is one object. Every failure is a :class:`~schemas.blobs.B
 that names the URI or the endpoint (a missing object, refused credentials, an
 unreachable service), never a botocore traceback.
 
-Optional encryption at rest is done here, before bytes leave the process: AES-256-GCM
+Blobs are LZ4-framed before they are stored where that saves a tenth or more
+(``blobs.compression``; the object's ``radstream-compression`` metadata says so, and
+:meth:`S3BlobStore.get` undoes it): the object store's CPU per PUT grows with the bytes
+(SeaweedFS: ~2 ms a request + ~11 µs a kB, 8 ms for a 526 kB CT slice, 4.4 ms for its
+274 kB LZ4 frame, which costs ~1.5 ms here, outside the GIL).
+
+Optional encryption at rest is done here, before bytes leave the process (after compression): AES-256-GCM
 with the key from ``blobs.encryption_key`` and a random 96-bit nonce per object, so it
 holds whatever the storage service does. The SHA-256 in a :class:`BlobRef` is of the
 plaintext: it identifies the DICOM instance, not one encryption of it.
@@ -22,13 +28,19 @@ import binascii
 import json
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from schemas.blobs import BlobError, BlobNotFound, BlobRef, sha256_hex, validate_key
 from schemas.settings import Settings
 
+_ZIP_META = "radstream-compression"
+_ZIP_ALGO = "lz4-frame"
+#: Smaller blobs are stored as they are; larger ones once their frame is at most this share of them.
+_ZIP_MIN_BYTES, _ZIP_MAX_RATIO = 4096, 0.9
 _ENC_META = "radstream-encryption"
 _ENC_ALGO = "AES-256-GCM"
 _NONCE_BYTES = 12
@@ -90,36 +102,37 @@ def _encryption_key(settings: Settings) -> bytes | None:
 
 
 class S3BlobStore:
-    """Blob store over the S3 API (thread-safe: boto3 clients are)."""
+    """Blob store over the S3 API (thread-safe).
+
+    Objects are read and written with obstore (Rust's ``object_store``): a PUT costs the
+    client ~0.6 ms of CPU and a GET ~1 ms per 0.5 MB slice, against ~3.6 and ~3.2 ms
+    through boto3, whose request pipeline (events, SigV4 in Python, urllib3) ran on every
+    call of the gateway's hot path. boto3 stays for the cold bucket calls object_store
+    has no API for (look up and create a bucket).
+    """
 
     def __init__(self, *, endpoint: str, bucket: str, credentials: S3Credentials, region: str = "us-east-1",
                  verify: bool | str = True, timeout_s: float = 10.0, encryption_key: bytes | None = None,
-                 max_connections: int = 32) -> None:
-        import boto3
-        from botocore.config import Config
-
+                 max_connections: int = 32, compression: str = "lz4") -> None:
+        if compression not in ("lz4", "none"):
+            raise BlobError(f"blobs.compression must be 'lz4' or 'none', not {compression!r}")
         self.endpoint = endpoint
+        self.compression = compression
         self.bucket = bucket
+        self.region = region
+        self.verify = verify
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self._credentials = credentials
         self._aead = None
-        # Over loopback (the embedded store) nothing can alter a body between us and the
-        # store, and the SHA-256 of every instance travels in its event anyway: the body is
-        # not hashed again for SigV4 (UNSIGNED-PAYLOAD) nor CRC-checksummed, which cost a
-        # pass over every 0.5 MB slice here and one more in the store. Elsewhere botocore's
-        # defaults stay: signed payloads over http, checksums over https.
-        loopback = _is_loopback(endpoint)
         if encryption_key is not None:
             from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
             self._aead = AESGCM(encryption_key)
-        self._client = boto3.client(
-            "s3", endpoint_url=endpoint, region_name=region, verify=verify,
-            aws_access_key_id=credentials.access_key_id, aws_secret_access_key=credentials.secret_access_key,
-            config=Config(connect_timeout=timeout_s, read_timeout=timeout_s, max_pool_connections=max_connections,
-                          retries={"max_attempts": 3, "mode": "standard"},
-                          s3={"addressing_style": "path", **({"payload_signing_enabled": False} if loopback else {})},
-                          **({"request_checksum_calculation": "when_required",
-                              "response_checksum_validation": "when_required"} if loopback else {})),
-        )
+        self._stores: dict[str, Any] = {}
+        self._stores_lock = threading.Lock()
+        self._objects = self._store_for(bucket)
+        self._admin_client: Any = None
 
     def __repr__(self) -> str:
         return f"S3BlobStore({self.endpoint}, bucket={self.bucket!r}, encrypted={self._aead is not None})"
@@ -133,34 +146,56 @@ class S3BlobStore:
         return BlobRef(uri=self.uri_of(key), size=len(data), sha256=sha256_hex(data))
 
     def put(self, key: str, data: bytes) -> BlobRef:
+        import obstore
+
         ref = self.ref_for(key, data)
-        body, metadata = data, {"sha256": ref.sha256}
+        body, metadata = data, {"Content-Type": "application/octet-stream", "sha256": ref.sha256}
+        if self.compression == "lz4" and len(data) >= _ZIP_MIN_BYTES:
+            import lz4.frame
+
+            framed = lz4.frame.compress(data)
+            if len(framed) <= _ZIP_MAX_RATIO * len(data):
+                body, metadata[_ZIP_META] = framed, _ZIP_ALGO
         if self._aead is not None:
             nonce = secrets.token_bytes(_NONCE_BYTES)
-            body = nonce + self._aead.encrypt(nonce, data, ref.uri.encode())
+            body = nonce + self._aead.encrypt(nonce, body, ref.uri.encode())
             metadata[_ENC_META] = _ENC_ALGO
-        self._call("store", ref.uri, self._client.put_object, Bucket=self.bucket, Key=key, Body=body, Metadata=metadata)
+        self._call("store", ref.uri, obstore.put, self._objects, key, body, attributes=metadata, use_multipart=False)
         return ref
 
     def get(self, uri: str) -> bytes:
+        import obstore
+
         bucket, key = self._split(uri)
-        reply = self._call("read", uri, self._client.get_object, Bucket=bucket, Key=key)
-        body = reply["Body"].read()
-        if reply.get("Metadata", {}).get(_ENC_META) == _ENC_ALGO:
+        reply = self._call("read", uri, obstore.get, self._store_for(bucket), key)
+        body = self._call("read", uri, lambda: reply.bytes().to_bytes())
+        attributes = reply.attributes
+        if attributes.get(_ENC_META) == _ENC_ALGO:
             if self._aead is None:
                 raise BlobError(f"{uri} is encrypted ({_ENC_ALGO}) but blobs.encryption_key is not set")
             from cryptography.exceptions import InvalidTag
 
             try:
-                return self._aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], uri.encode())
+                body = self._aead.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], uri.encode())
             except InvalidTag:
                 raise BlobError(f"{uri} cannot be decrypted: wrong blobs.encryption_key or a tampered object") from None
+        if (zipped := attributes.get(_ZIP_META)) is not None:
+            if zipped != _ZIP_ALGO:
+                raise BlobError(f"{uri} is stored {zipped}-compressed, which this version cannot read")
+            import lz4.frame
+
+            try:
+                body = lz4.frame.decompress(body)
+            except RuntimeError as exc:
+                raise BlobError(f"{uri} is a damaged {_ZIP_ALGO} object: {exc}") from None
         return body
 
     def exists(self, uri: str) -> bool:
+        import obstore
+
         bucket, key = self._split(uri)
         try:
-            self._call("look up", uri, self._client.head_object, Bucket=bucket, Key=key)
+            self._call("look up", uri, obstore.head, self._store_for(bucket), key)
         except BlobNotFound:
             return False
         return True
@@ -169,25 +204,82 @@ class S3BlobStore:
         """Create the bucket if it is missing (idempotent); check the credentials on the way."""
         from botocore.exceptions import ClientError
 
+        client = self._admin()
         try:
-            self._call("open bucket", f"s3://{self.bucket}", self._client.head_bucket, Bucket=self.bucket)
+            self._call("open bucket", f"s3://{self.bucket}", client.head_bucket, Bucket=self.bucket)
         except BlobNotFound:
             try:
-                self._client.create_bucket(Bucket=self.bucket)
+                client.create_bucket(Bucket=self.bucket)
             except ClientError as exc:
                 if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise self._error("create bucket", f"s3://{self.bucket}", exc) from None
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (for tools such as phi-scan; not for hot paths)."""
-        paginator = self._client.get_paginator("list_objects_v2")
+        import obstore
+
+        where = f"s3://{self.bucket}/{prefix}"
         out: list[str] = []
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                out.extend(item["Key"] for item in page.get("Contents", []))
+            for batch in obstore.list(self._objects, prefix or None):
+                out.extend(item["path"] for item in batch)
         except Exception as exc:
-            raise self._error("list", f"s3://{self.bucket}/{prefix}", exc) from None
-        return out
+            raise self._error("list", where, exc) from None
+        # object_store lists whole path segments; S3's prefix is a plain string prefix.
+        return sorted(key for key in out if key.startswith(prefix))
+
+    def _store_for(self, bucket: str) -> Any:
+        """The obstore client of ``bucket`` (a claim check may name another bucket than ours)."""
+        with self._stores_lock:
+            store = self._stores.get(bucket)
+            if store is None:
+                store = self._stores[bucket] = self._new_store(bucket)
+            return store
+
+    def _new_store(self, bucket: str) -> Any:
+        from datetime import timedelta
+
+        from obstore.store import S3Store
+
+        https = urlsplit(self.endpoint).scheme == "https"
+        client: dict[str, Any] = {
+            "allow_http": not https,
+            "connect_timeout": timedelta(seconds=self.timeout_s),
+            "timeout": timedelta(seconds=self.timeout_s),
+            "pool_max_idle_per_host": str(self.max_connections),
+        }
+        if isinstance(self.verify, str):
+            client["root_certificate"] = Path(self.verify).read_bytes()
+        elif not self.verify:
+            client["allow_invalid_certificates"] = True
+        # Over loopback (the embedded store) nothing can alter a body between us and the
+        # store, and the SHA-256 of every instance travels in its event anyway: the body is
+        # not hashed again for SigV4 (UNSIGNED-PAYLOAD), which cost a pass over every 0.5 MB
+        # slice here. Elsewhere the payload is signed (over http) or checksummed (https).
+        loopback = _is_loopback(self.endpoint)
+        return S3Store(
+            bucket, endpoint=self.endpoint, region=self.region,
+            access_key_id=self._credentials.access_key_id, secret_access_key=self._credentials.secret_access_key,
+            virtual_hosted_style_request=False, unsigned_payload=loopback or https,
+            **({"checksum_algorithm": "sha256"} if https and not loopback else {}),
+            client_options=client,
+            retry_config={"max_retries": 2, "retry_timeout": timedelta(seconds=self.timeout_s),
+                          "backoff": {"init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=1)}},
+        )
+
+    def _admin(self) -> Any:
+        """boto3, for the bucket calls object_store has no API for."""
+        if self._admin_client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._admin_client = boto3.client(
+                "s3", endpoint_url=self.endpoint, region_name=self.region, verify=self.verify,
+                aws_access_key_id=self._credentials.access_key_id,
+                aws_secret_access_key=self._credentials.secret_access_key,
+                config=Config(connect_timeout=self.timeout_s, read_timeout=self.timeout_s,
+                              retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"}))
+        return self._admin_client
 
     def _split(self, uri: str) -> tuple[str, str]:
         parts = urlsplit(uri)
@@ -197,13 +289,30 @@ class S3BlobStore:
         validate_key(key)
         return parts.netloc, key
 
-    def _call(self, action: str, uri: str, method, **kwargs):
+    def _call(self, action: str, uri: str, method, *args, **kwargs):
         try:
-            return method(**kwargs)
+            return method(*args, **kwargs)
         except Exception as exc:
             raise self._error(action, uri, exc) from None
 
     def _error(self, action: str, uri: str, exc: Exception) -> BlobError:
+        from obstore import exceptions as ob
+
+        if isinstance(exc, BlobError):
+            return exc
+        if isinstance(exc, (ob.NotFoundError, FileNotFoundError)):  # obstore raises the builtin
+            return BlobNotFound(uri)
+        if isinstance(exc, (ob.PermissionDeniedError, ob.UnauthenticatedError, PermissionError)):
+            return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} refused the credentials")
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} is unreachable")
+        if isinstance(exc, (ob.BaseError, OSError)):
+            text = str(exc)
+            if any(word in text for word in _UNREACHABLE):
+                return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} is unreachable")
+            if any(word in text for word in _REFUSED):
+                return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} refused the credentials")
+            return BlobError(f"cannot {action} {uri}: {_first_line(text)}")
         from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
         if isinstance(exc, ClientError):
@@ -214,11 +323,19 @@ class S3BlobStore:
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or status == 403:
                 return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} refused the credentials ({code})")
             return BlobError(f"cannot {action} {uri}: {code or status} from {self.endpoint}")
-        if isinstance(exc, (EndpointConnectionError, ReadTimeoutError, ConnectionError)):
+        if isinstance(exc, (EndpointConnectionError, ReadTimeoutError)):
             return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} is unreachable")
-        if isinstance(exc, BlobError):
-            return exc
         return BlobError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
+
+
+#: Words of object_store's errors for a store that cannot be reached, or refused us.
+_UNREACHABLE = ("error sending request", "Connection refused", "connection error", "timed out", "dns error",
+                "tcp connect error")
+_REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403 Forbidden")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else "unknown error"
 
 
 def _is_loopback(endpoint: str) -> bool:
@@ -239,5 +356,5 @@ def open_s3_store(settings: Settings) -> S3BlobStore:
         endpoint=settings.s3_endpoint, bucket=blobs.bucket, credentials=load_credentials(settings),
         region=blobs.s3_region, verify=str(blobs.s3_ca_bundle) if blobs.s3_ca_bundle else blobs.s3_verify_tls,
         timeout_s=blobs.s3_timeout_s, encryption_key=_encryption_key(settings),
-        max_connections=max(10, settings.dicom.max_associations * 2),
+        max_connections=max(10, settings.dicom.max_associations * 2), compression=blobs.compression,
     )

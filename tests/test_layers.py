@@ -25,7 +25,7 @@ ALLOWED = {
     "load": {"schemas", "adapters", "deid", "engines", "gateways", "streams", "radstream"},
 }
 #: client and runtime libraries the contracts must not need
-CLIENTS = {"boto3", "botocore", "confluent_kafka", "clickhouse_connect", "structlog", "prometheus_client",
+CLIENTS = {"boto3", "botocore", "obstore", "confluent_kafka", "clickhouse_connect", "structlog", "prometheus_client",
            "pydicom", "chdb", "faust", "aiohttp", "pynetdicom"}
 
 

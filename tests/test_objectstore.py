@@ -6,6 +6,7 @@ import base64
 import os
 import stat
 
+import obstore
 import pytest
 from pydantic import SecretStr
 
@@ -65,7 +66,7 @@ def test_encryption_at_rest_stores_ciphertext_and_reads_plaintext(objectstore: S
     ref = encrypted.put(KEY, payload)
     assert encrypted.get(ref.uri) == payload
     assert ref.sha256 == plain.ref_for(KEY, payload).sha256, "the digest identifies the instance, not its ciphertext"
-    raw = plain._client.get_object(Bucket=objectstore.blobs.bucket, Key=KEY)["Body"].read()
+    raw = bytes(obstore.get(plain._objects, KEY).bytes())  # the object as stored, not through the store
     assert b"CANARY" not in raw and len(raw) == len(payload) + 12 + 16
     with pytest.raises(BlobError, match="encryption_key is not set"):
         plain.get(ref.uri)
@@ -91,3 +92,32 @@ def test_phi_scan_opens_deidentified_blobs_on_s3_that_no_event_references(object
     assert report.blobs == 1
     assert any(f.where == f"s3://{objectstore.blobs.bucket}/deid/2.25.1/2.25.2/2.25.3.dcm"
                and "CANARY" in f.problem.upper() for f in report.findings), report.findings
+
+
+def test_blobs_are_stored_lz4_framed_where_it_pays_and_read_back_as_sent(objectstore: Settings) -> None:
+    from pydicom.data import get_testdata_file
+
+    slice_ = open(get_testdata_file("693_UNCR.dcm", download=False), "rb").read()  # a real 526 kB CT slice
+    noise = os.urandom(64 * 1024)  # incompressible: stored as sent
+    store, bucket = open_s3_store(objectstore), objectstore.blobs.bucket
+    for key, data, framed in ((KEY, slice_, True), (KEY.replace(".dcm", "-noise.dcm"), noise, False)):
+        ref = store.put(key, data)
+        stored = obstore.get(store._objects, key)
+        raw = bytes(stored.bytes())
+        assert (stored.attributes.get("radstream-compression") == "lz4-frame") is framed
+        assert len(raw) < 0.6 * len(data) if framed else raw == data
+        assert store.get(ref.uri) == data and ref.size == len(data)
+        assert ref.sha256 == store.ref_for(key, data).sha256, "the digest is of the instance as sent"
+    plain = open_s3_store(objectstore.model_copy(update={
+        "blobs": objectstore.blobs.model_copy(update={"compression": "none"})}))
+    assert plain.get(f"s3://{bucket}/{KEY}") == slice_, "a store set to 'none' still reads framed blobs"
+    plain.put(KEY, slice_)
+    assert bytes(obstore.get(store._objects, KEY).bytes()) == slice_
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    sealed = open_s3_store(objectstore.model_copy(update={
+        "blobs": objectstore.blobs.model_copy(update={"encryption_key": SecretStr(key)})}))
+    ref = sealed.put(KEY, slice_)
+    raw = bytes(obstore.get(store._objects, KEY).bytes())
+    assert len(raw) < 0.6 * len(slice_), "compressed before it is encrypted (ciphertext does not compress)"
+    assert sealed.get(ref.uri) == slice_
