@@ -72,16 +72,21 @@ class _WakePipe:
         self._lock = threading.Lock()
         self.read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closed = False
+        self._pending = False  # a byte is in the pipe that the waiter has not drained yet
 
     def wake(self) -> None:
         with self._lock:  # never write to a closed (and perhaps reused) descriptor
-            if not self._closed:
-                try:
-                    os.write(self._write_fd, b"\0")
-                except BlockingIOError:  # full: a wake-up is pending anyway
-                    pass
+            if self._pending or self._closed:
+                return  # the waiter wakes for the byte already there, then sees this put too
+            self._pending = True
+            try:
+                os.write(self._write_fd, b"\0")
+            except BlockingIOError:  # full: a wake-up is pending anyway
+                pass
 
     def drain(self) -> None:
+        with self._lock:  # cleared before reading: a wake from now on writes again
+            self._pending = False
         try:
             while os.read(self.read_fd, 4096):
                 pass

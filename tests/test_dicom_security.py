@@ -383,3 +383,39 @@ def test_a_broker_that_stops_answering_gets_out_of_resources_then_recovery(setti
         server.shutdown()
         publisher.close(timeout_s=1)
         procs.stop(broker, grace_s=0.5)
+
+
+def test_associations_get_the_servers_contexts_without_a_deep_copy_and_leave_them_unchanged(
+        settings: Settings) -> None:
+    """pynetdicom deep-copies the supported contexts per association (~50-115 ms for every
+    storage class with every transfer syntax); the gateway's server shares them instead."""
+    import copy
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+    from gateways.dicom_scp import build_ae
+
+    server = build_ae(settings, None, None).start_server((settings.bind_host, settings.dicom.port), block=False)
+    try:
+        def snapshot() -> list[tuple]:
+            return [(cx.abstract_syntax, tuple(cx.transfer_syntax), cx.scu_role, cx.scp_role, cx.context_id)
+                    for cx in server.contexts]
+
+        before = snapshot()
+        shared = copy.deepcopy(server.contexts)
+        assert shared is not server.contexts and all(a is b for a, b in zip(shared, server.contexts, strict=True))
+        for syntax in (JPEG2000Lossless, ExplicitVRLittleEndian, JPEG2000Lossless):
+            sender = AE("CONTEXTS")
+            sender.add_requested_context(CTImageStorage, [syntax])
+            sender.add_requested_context(Verification)
+            assoc = sender.associate(settings.bind_host, settings.dicom.port, ae_title=settings.dicom.ae_title)
+            assert assoc.is_established
+            accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+            assert accepted[CTImageStorage] == syntax
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        assert snapshot() == before, "negotiation must not change the contexts every association shares"
+    finally:
+        server.shutdown()
