@@ -65,6 +65,31 @@ gateway ~0.9, the worker ~0.8, the broker ~0.2, the AI worker ~0.17 (new since t
 0.5x still needs the object store's per-PUT cost cut by several times (one PUT per
 instance through a leaner store or fewer hops), not client settings.
 
+Re-measured 2026-12-07 on the same machine, slower that day for both sides (Orthanc
+106-108 on 1 association, 164-203 on 4). Four changes: producers not idempotent (Tansu
+rewrote its cluster metadata object per idempotent produce), blobs through obstore
+instead of boto3, blobs LZ4-framed (the slice 1.92x), pynetdicom's per-association deep
+copy of the supported contexts gone. A/B of the 4-association send (200 slices), the
+committed code of the morning against the new, alternating, 4 rounds each:
+
+    tree     inst/s (4 rounds)          CPU ms/inst while sending: weed  gateway  broker  worker  all
+    before   35.7 29.8 37.0 33.9 (34.1)                     21.2-26.4 16.8-20.0 5.3-7.4 3.5-4.7 47-59
+    after    41.8 60.3 53.0 45.6 (50.2)                     12.1-18.7 11.8-15.8 3.0-4.8 2.1-3.5 29-43
+
+Both trees ran at ~1.76 busy cores, so the rate follows the CPU per instance. SeaweedFS's
+own counters per instance while sending (100 slices): Tansu PUTs 4.67 -> 2.90, volume
+POSTs 5.67 -> 3.90, filer leveldb finds 20.5 -> 14.6. Then ``bench_ingest`` twice:
+radstream 35.7 / 34.6 inst/s on 1 association (0.33 / 0.33) and 47.4 / 40.8 on 4
+(0.29 / 0.20). What is left per instance, by child, while sending (CPU ms): the object
+store 19-21 (the 274 kB blob ~4.5 ms; the rest is Tansu's ~6 requests per instance:
+the gateway's produce is a conditional GET of its metadata, a watermark PUT and a batch
+PUT, then the worker's fetches and commits); the gateway 14 (py-spy --gil: pydicom's
+header read and attribute access ~25 %, pynetdicom's PDU and DIMSE work ~30 %, publish
+9 %); the broker 5-6; the worker 4. Tried and not kept: Faust ``producer_linger`` 10 ms
+(Tansu PUTs 3.17 -> 2.96 per instance, within noise in CPU). 0.5x still needs the
+broker's object-store requests per event cut, which is inside Tansu, or a header read
+that skips pydicom in the gateway.
+
 Profilers: Go pprof from ``weed mini -debug`` (18 s from the first send); ``py-spy record
 --gil --nonblocking`` on the gateway and the worker during the 4-association send and its
 settle (``--py-spy DIR``), so C work done without the GIL (hashing, sockets, librdkafka) is
