@@ -79,6 +79,19 @@ At 1500 ms every hop took ~0.8 s (the flat routed - assembled interval of issue 
 holds a fetch to its end even when records arrive. The sustained row's backlog grew at every
 setting (offered 4,320 studies/h at ``--scale 0.1``); its bottleneck is CPU, shared on 2 cores
 by the object store, the gateway and de-identification (``load/bench_ingest.py``).
+
+Re-measured 2026-12-07 later, defaults (300 s sustained, the issue's 5 minutes), one run,
+after producers stopped being idempotent and blobs went through obstore, LZ4-framed
+(``load/bench_ingest.py`` has the A/B): announced p50 / p95 / p99 0.22 / 0.26 / 0.29 s (met),
+quiet period 5.28 / 5.37 / 5.39 s (met). Sustained: 427 studies, 4,289 instances acknowledged
+in 300.6 s = 5,114 studies/h (5,124/h offered, senders on plan, send failures 0), lost 0 of
+427; latency p50 / p95 / p99 3.80 / 13.13 / 20.85 s, bottleneck assembled (own p95 10.70 s),
+de-identification p95 6.98 s beside the path. The studies waiting to be routed at 25/50/75/100 %
+of the sending were 11/9/8/5, but the last third's p50 latency (6.10 s) was 3.5x the first
+third's (1.75 s), so the row reports growth; the pipeline routed 5,082 studies/h, about the
+offered rate (it was 3,515-3,573 before). A 60 s run at 4,320/h offered kept the backlog
+bounded (1/1/5/2; last third p50 1.61 s). Peak RSS (MB): objectstore 593 (397 -> 588 over
+the sending), inference 397, warehouse 394, worker 292, dicom-gateway 126; all 2,049.
 """
 
 from __future__ import annotations
