@@ -219,13 +219,15 @@ class S3BlobStore:
         import obstore
 
         where = f"s3://{self.bucket}/{prefix}"
+        # object_store lists under whole path segments, S3 under any string prefix: list the
+        # last whole segment ("deid/2.25" -> "deid/") and keep the keys that start with prefix.
+        folder = prefix.rpartition("/")[0]
         out: list[str] = []
         try:
-            for batch in obstore.list(self._objects, prefix or None):
+            for batch in obstore.list(self._objects, folder or None):
                 out.extend(item["path"] for item in batch)
         except Exception as exc:
             raise self._error("list", where, exc) from None
-        # object_store lists whole path segments; S3's prefix is a plain string prefix.
         return sorted(key for key in out if key.startswith(prefix))
 
     def _store_for(self, bucket: str) -> Any:

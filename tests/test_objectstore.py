@@ -25,6 +25,8 @@ def test_put_is_idempotent_and_get_by_claim_check_uri_returns_the_bytes(objectst
     second = store.put(KEY, b"DICM" * 1000)
     assert first == second and first.uri == f"s3://{objectstore.blobs.bucket}/{KEY}"
     assert store.keys("1.2.840.1/") == [KEY], "storing the same instance twice is one object"
+    assert store.keys("1.2.840") == store.keys("1.2.840.1/1.2") == [KEY], "a prefix need not end at a '/'"
+    assert store.keys("1.2.840.1/9") == store.keys("9") == []
     assert store.get(first.uri) == b"DICM" * 1000
     assert store.exists(first.uri) and first.size == 4000
 
