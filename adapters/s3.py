@@ -31,7 +31,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from schemas.blobs import BlobError, BlobNotFound, BlobRef, sha256_hex, validate_key
@@ -113,7 +113,7 @@ class S3BlobStore:
 
     def __init__(self, *, endpoint: str, bucket: str, credentials: S3Credentials, region: str = "us-east-1",
                  verify: bool | str = True, timeout_s: float = 10.0, encryption_key: bytes | None = None,
-                 max_connections: int = 32, compression: str = "lz4") -> None:
+                 max_connections: int = 32, compression: Literal["lz4", "none"] = "lz4") -> None:
         if compression not in ("lz4", "none"):
             raise BlobError(f"blobs.compression must be 'lz4' or 'none', not {compression!r}")
         self.endpoint = endpoint
@@ -300,34 +300,39 @@ class S3BlobStore:
     def _error(self, action: str, uri: str, exc: Exception) -> BlobError:
         from obstore import exceptions as ob
 
+        def failed(why: str) -> BlobError:
+            return BlobError(f"cannot {action} {uri}: {why}")
+
+        unreachable = f"the object store at {self.endpoint} is unreachable"
+        refused = f"the object store at {self.endpoint} refused the credentials"
         if isinstance(exc, BlobError):
             return exc
         if isinstance(exc, (ob.NotFoundError, FileNotFoundError)):  # obstore raises the builtin
             return BlobNotFound(uri)
         if isinstance(exc, (ob.PermissionDeniedError, ob.UnauthenticatedError, PermissionError)):
-            return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} refused the credentials")
+            return failed(refused)
         if isinstance(exc, (ConnectionError, TimeoutError)):
-            return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} is unreachable")
+            return failed(unreachable)
         if isinstance(exc, (ob.BaseError, OSError)):
             text = str(exc)
             if any(word in text for word in _UNREACHABLE):
-                return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} is unreachable")
+                return failed(unreachable)
             if any(word in text for word in _REFUSED):
-                return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} refused the credentials")
-            return BlobError(f"cannot {action} {uri}: {_first_line(text)}")
+                return failed(refused)
+            return failed(_first_line(text))
         from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-        if isinstance(exc, ClientError):
+        if isinstance(exc, ClientError):  # the bucket calls (boto3)
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound") or status == 404:
                 return BlobNotFound(uri)
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or status == 403:
-                return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} refused the credentials ({code})")
-            return BlobError(f"cannot {action} {uri}: {code or status} from {self.endpoint}")
+                return failed(f"{refused} ({code})")
+            return failed(f"{code or status} from {self.endpoint}")
         if isinstance(exc, (EndpointConnectionError, ReadTimeoutError)):
-            return BlobError(f"cannot {action} {uri}: the object store at {self.endpoint} is unreachable")
-        return BlobError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
+            return failed(unreachable)
+        return failed(f"{type(exc).__name__}: {exc}")
 
 
 #: Words of object_store's errors for a store that cannot be reached, or refused us.

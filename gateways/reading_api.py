@@ -1,5 +1,8 @@
 """The reading API: readers claim, open, decide AI findings and sign; admins and analysts look on.
 
+About 420 lines: every route with its role check and its one answer per outcome, so a reader's
+rights can be read in one place (access rules live in :mod:`gateways.reading_access`).
+
 JSON over HTTP (HTTPS with ``reading.tls_cert``/``tls_key``), ``Authorization: Bearer``
 tokens of the users file (:mod:`gateways.reading_access`: roles reader / admin / analyst,
 sites). Reads come from the warehouse (the rows the worklist stage publishes); every

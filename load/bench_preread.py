@@ -1,5 +1,8 @@
 """Benchmark: the AI pre-read stage (``python -m streams inference``), each part against a bare peer.
 
+About 490 lines, a third of them the measured figures below; the three parts share one
+study set, one runtime and one report, so they stay in one runnable file.
+
 Three figures, each ``ours / peer`` with the peer measured in the same run:
 
 1. **engine path**: the stage's ``PriorityBatcher`` in front of its ONNX Runtime CPU engine

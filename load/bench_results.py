@@ -1,5 +1,8 @@
 """Benchmark: results out, latency from the AI result to the SR stored in Orthanc and the ORU ACKed.
 
+About 440 lines, much of it the measured figures; the measuring, the peers and the pipeline
+mode are in ``load/results_measure.py``, ``results_peers.py`` and ``results_pipeline.py``.
+
 Two modes, the same two destinations and the same peers:
 
 * ``--mode pipeline`` (the default: the issue's definition) times the whole path from the AI
