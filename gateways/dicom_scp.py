@@ -37,8 +37,14 @@ from prometheus_client import Counter, Histogram
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -57,6 +63,7 @@ from gateways.dicom_associations import (
     handle_rejected,
     tls_context,
 )
+from gateways.dicom_wire import encode_file_meta
 from gateways.intake import InstanceIntake, Received
 from gateways.publisher import EventPublisher
 from gateways.serving import GatewayProcess, run
@@ -193,11 +200,17 @@ def _status_dataset(refusal: InvalidInstance) -> Dataset:
 
 
 def _encoded_instance(event: evt.Event, calling_ae: str) -> bytes:
-    """The instance as a PS3.10 file: preamble, file meta and the data set as received."""
-    file_meta = event.file_meta
-    if calling_ae:
-        file_meta.SourceApplicationEntityTitle = calling_ae
-    return b"".join((b"\0" * 128, b"DICM", encode_file_meta(file_meta), event.request.DataSet.getvalue()))
+    """The instance as a PS3.10 file: preamble, file meta and the data set as received.
+
+    The file meta is pynetdicom's (``Event.file_meta``: the request's UIDs, the context's
+    transfer syntax, pynetdicom's implementation UID), encoded directly: building and
+    writing it as a pydicom data set cost ~0.55 ms per instance.
+    """
+    request = event.request
+    file_meta = encode_file_meta(str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+                                 str(event.context.transfer_syntax), PYNETDICOM_IMPLEMENTATION_UID,
+                                 PYNETDICOM_IMPLEMENTATION_VERSION, calling_ae)
+    return b"".join((b"\0" * 128, b"DICM", file_meta, request.DataSet.getvalue()))
 
 
 # ---------------------------------------------------------------- header values

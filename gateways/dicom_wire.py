@@ -56,6 +56,37 @@ class DuplicateElement(ValueError):
     """A data set (or an item of a sequence) holds the same tag twice (PS3.5 7.1)."""
 
 
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+                     implementation_uid: str, implementation_version: str, source_ae: str = "") -> bytes:
+    """PS3.10 7.1 File Meta Information, group length first: what pydicom writes for the same
+    values (explicit VR little endian, UIDs padded with NUL, text with a space), without
+    building a data set for it -- a gateway writes one per instance it receives.
+
+    Raises ``ValueError`` for a value too long for its 2-byte length (a hostile request UID).
+    """
+    body = b"".join((
+        _element(0x0001, b"OB", b"\0\1"),
+        _element(0x0002, b"UI", sop_class_uid), _element(0x0003, b"UI", sop_instance_uid),
+        _element(0x0010, b"UI", transfer_syntax_uid), _element(0x0012, b"UI", implementation_uid),
+        _element(0x0013, b"SH", implementation_version),
+        _element(0x0016, b"AE", source_ae) if source_ae else b"",
+    ))
+    return _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _element(element: int, vr: bytes, value: str | bytes) -> bytes:
+    """One group 0002 element in explicit VR little endian."""
+    if isinstance(value, str):
+        value = value.encode("latin-1", "replace")
+        if len(value) % 2:
+            value += b"\0" if vr == b"UI" else b" "
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    if len(value) > 0xFFFF:
+        raise ValueError(f"(0002,{element:04X}) of {len(value)} bytes does not fit its 2-byte length")
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
 def data_set_offset(part10: bytes) -> int:
     """Where the data set of a PS3.10 file begins: after the preamble, ``DICM`` and the
     group 0002 file meta elements (always Explicit VR Little Endian, PS3.10 7.1)."""

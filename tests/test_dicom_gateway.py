@@ -489,3 +489,37 @@ def test_local_blob_store_round_trip_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(InvalidBlobKey):
         store.put("escape/secret.txt", b"overwrite")
     assert outside.read_text() == "not a blob"
+
+
+# ---------------------------------------------------------------- file meta unit tests
+
+
+@pytest.mark.parametrize("sop_instance, transfer_syntax, source_ae", [
+    ("1.2.3.4", "1.2.840.10008.1.2.1", "STORESCU"),  # even UID, odd AE title
+    ("1.2.345", "1.2.840.10008.1.2", ""),  # odd UID, no source AE
+    ("1.2.3", "1.2.840.10008.1.2.4.90", "EVEN"),
+])
+def test_file_meta_is_encoded_as_pynetdicom_would(sop_instance: str, transfer_syntax: str, source_ae: str) -> None:
+    from pydicom.uid import UID
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta as pynetdicom_encode
+
+    from gateways.dicom_wire import encode_file_meta
+
+    sop_class = "1.2.840.10008.5.1.4.1.1.2"
+    theirs = create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance),
+                              transfer_syntax=UID(transfer_syntax))
+    if source_ae:
+        theirs.SourceApplicationEntityTitle = source_ae
+    ours = encode_file_meta(sop_class, sop_instance, transfer_syntax, PYNETDICOM_IMPLEMENTATION_UID,
+                            PYNETDICOM_IMPLEMENTATION_VERSION, source_ae)
+    assert ours == pynetdicom_encode(theirs)
+    meta = dcmread(io.BytesIO(b"\0" * 128 + b"DICM" + ours)).file_meta
+    assert (meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID) == (sop_instance, transfer_syntax)
+
+
+def test_file_meta_refuses_a_value_its_two_byte_length_cannot_hold() -> None:
+    from gateways.dicom_wire import encode_file_meta
+
+    with pytest.raises(ValueError, match=r"\(0002,0003\) of 70000 bytes"):
+        encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1" * 70_000, "1.2.840.10008.1.2", "1.2", "X")
