@@ -12,6 +12,8 @@ sets, malformed IS) into ``None`` rather than errors: only the UIDs decide accep
 
 from __future__ import annotations
 
+import re
+import struct
 import warnings
 from collections.abc import Sequence
 from enum import IntEnum
@@ -19,6 +21,7 @@ from io import BytesIO
 from typing import Any, NamedTuple
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -206,6 +209,15 @@ def instance_metadata(header: Dataset) -> dict[str, Any]:
 
 def header_text(header: Dataset, keyword: str) -> str | None:
     """A header value as clean text: padding stripped, odd character sets never fatal."""
+    raw = _plain(header, keyword, _PLAIN_TEXT_VRS)
+    if raw is not None and (not raw.value or _PLAIN_VALUE.fullmatch(raw.value)):
+        # what pydicom's conversion gives for such a value, without it (~25 us a value)
+        return (raw.value.decode("ascii").strip(" \0") or None) if raw.value else None
+    return pydicom_text(header, keyword)
+
+
+def pydicom_text(header: Dataset, keyword: str) -> str | None:
+    """:func:`header_text` the long way, through pydicom's conversion of the value."""
     try:
         value = header.get(keyword)
     except Exception:  # undecodable under its Specific Character Set: keep the raw bytes
@@ -226,6 +238,24 @@ def header_text(header: Dataset, keyword: str) -> str | None:
 
 
 def header_int(header: Dataset, keyword: str) -> int | None:
+    """A header value as a 32-bit integer; None when absent or malformed."""
+    raw = _plain(header, keyword, _PLAIN_INT_VRS)
+    if raw is not None:
+        if not raw.value:
+            return None
+        if raw.VR == "US" or (raw.VR is None and dictionary_VR(raw.tag) == "US"):
+            if len(raw.value) == 2:  # one value; pydicom decides what several, or odd bytes, are
+                return struct.unpack_from("<H" if raw.is_little_endian else ">H", raw.value)[0]
+        elif _PLAIN_VALUE.fullmatch(raw.value):
+            try:  # IS: one value; anything int() cannot read takes pydicom's way
+                return _in_int32(int(raw.value.decode("ascii").strip(" \0")))
+            except ValueError:
+                pass
+    return pydicom_int(header, keyword)
+
+
+def pydicom_int(header: Dataset, keyword: str) -> int | None:
+    """:func:`header_int` the long way, through pydicom's conversion of the value."""
     try:
         value = header.get(keyword)
         if isinstance(value, MultiValue):
@@ -235,7 +265,40 @@ def header_int(header: Dataset, keyword: str) -> int | None:
         number = int(value)
     except Exception:  # malformed IS/US values are not worth refusing an instance for
         return None
+    return _in_int32(number)
+
+
+def _in_int32(number: int) -> int | None:
     return number if _INT32[0] <= number <= _INT32[1] else None
+
+
+#: VRs whose values are ASCII whatever the Specific Character Set (PS3.5 6.1.2.3 applies
+#: it only to SH, LO, UC, ST, LT, UT and PN): read straight from the raw bytes.
+_PLAIN_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
+_PLAIN_INT_VRS = frozenset({"IS", "US"})
+#: one value of those VRs in their own repertoire (PS3.5 6.2), padded: anything else
+#: (a backslash, a control character, lower case) is left to pydicom to interpret
+_PLAIN_VALUE = re.compile(rb"[0-9A-Z._:+\- ]*\0?")
+
+
+def _plain(header: Dataset, keyword: str, vrs: frozenset[str]) -> RawDataElement | None:
+    """The still-unconverted element ``keyword`` of ``header`` if its VR is one of ``vrs``
+    (from the stream, or the dictionary's for implicit VR); else None, and the caller
+    asks pydicom. Only for the header helpers, whose answers it does not change."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return None
+    try:
+        raw = header.get_item(tag)
+    except Exception:
+        return None
+    if not isinstance(raw, RawDataElement) or not (raw.value is None or isinstance(raw.value, bytes)):
+        return None
+    try:
+        vr = raw.VR or dictionary_VR(tag)
+    except KeyError:
+        return None
+    return raw if vr in vrs else None
 
 
 def _raw_value(header: Dataset, keyword: str) -> bytes | None:
