@@ -92,6 +92,18 @@ third's (1.75 s), so the row reports growth; the pipeline routed 5,082 studies/h
 offered rate (it was 3,515-3,573 before). A 60 s run at 4,320/h offered kept the backlog
 bounded (1/1/5/2; last third p50 1.61 s). Peak RSS (MB): objectstore 593 (397 -> 588 over
 the sending), inference 397, warehouse 394, worker 292, dicom-gateway 126; all 2,049.
+
+Re-measured 2026-12-07 later still, defaults, one run, with ``kafka.partitions`` at its new
+default of 1 and the gateway's cheaper header, file meta and encode (``load/bench_ingest.py``);
+the machine was also faster than in the run above, so the two are not an A/B. Announced
+p50 / p95 / p99 0.21 / 0.25 / 0.25 s (met); quiet period 5.28 / 5.34 / 5.38 s (met).
+Sustained: 427 studies, 4,289 instances acknowledged in 300.1 s = 5,121 studies/h (5,124/h
+offered, send failures 0), lost 0 of 427; latency p50 / p95 / p99 0.49 / 1.29 / 1.68 s,
+bottleneck routed (own p95 0.86 s), de-identification p95 1.20 s beside the path; backlog
+at 25/50/75/100 % of the sending 0/0/0/1 and last third's p50 0.54 s against the first
+third's 0.33 s: bounded, so >= 5,121 studies/h is sustained at this scale. Peak RSS (MB):
+objectstore 584 (392 -> 561 over the sending), warehouse 405, inference 393, worker 289,
+dicom-gateway 122; all 2,041.
 """
 
 from __future__ import annotations

@@ -90,6 +90,36 @@ header read and attribute access ~25 %, pynetdicom's PDU and DIMSE work ~30 %, p
 broker's object-store requests per event cut, which is inside Tansu, or a header read
 that skips pydicom in the gateway.
 
+Third pass, 2026-12-07 (later), five changes, each measured on its own:
+``Codec.encode`` validates with fastavro's boolean check first (the raising form built a
+ValidationError for every union branch not taken: 373 -> 130 us per InstanceReceived);
+the file meta is encoded directly (pynetdicom's data set and pydicom's writer: 550 -> 9
+us); the header helpers read UIDs, codes, dates and IS/US numbers from their raw bytes
+(dcmread plus every header read of one slice: 1,132 -> 680 us); ``kafka.partitions``
+defaults to 1 (the idle runtime: Tansu's conditional GETs 34 -> 8.5/s, the broker 0.11 ->
+0.05 of a core, the object store 0.06 -> 0.03); the blob is stored in the handler's
+thread while the produce is in flight, not in a pool thread. The whole runtime did not
+show it: seven alternating pairs of the 4-association send (300 slices), the morning's
+last commit against these, 65.2 -> 65.7 inst/s and 28.0 -> 27.4 CPU ms per instance on
+average, the pairs themselves ranging 50.8-75.4 as the machine's speed drifted. Then
+``bench_ingest`` twice:
+
+    run   1 association (ratio)       4 associations (ratio)     CPU s/100 inst: weed  gateway  worker  broker
+    1     64.5 vs 129.5 (0.50)        71.2 vs 220.6 (0.32)                       2.09  0.79     0.88    0.37
+    2     57.2 vs 129.0 (0.44)        67.6 vs 292.5 (0.23)                       2.23  0.89     1.07    0.41
+
+While sending, the object store is now half of radstream's CPU (12-13 of ~24 ms per
+instance). SeaweedFS's counters per instance while sending 300 slices on 4 associations:
+one blob PUT, and for Tansu 2.66 PUTs (the gateway's batch and watermark, the assembly
+changelogs), 1.04 GETs and 0.55 LISTs (the worker's fetches) and 0.14 conditional GETs;
+behind them 3.66 volume POSTs and 12.5 filer look-ups. At ~2 ms of weed CPU per request
+that is most of it. The gateway's events are never batched: its handlers take turns on
+the GIL, so publishes arrive ~10 ms apart, and a 5 ms ``linger.ms`` changed Tansu's PUTs
+per instance from 2.99 to 2.98. What would move the ratio is fewer object-store requests
+per event: group commit of concurrent associations' events into one produce (one batch
+PUT, watermark PUT and fetch GET for several instances), at the price of a linger on each
+C-STORE; or a broker whose log is not an object per produce.
+
 Profilers: Go pprof from ``weed mini -debug`` (18 s from the first send); ``py-spy record
 --gil --nonblocking`` on the gateway and the worker during the 4-association send and its
 settle (``--py-spy DIR``), so C work done without the GIL (hashing, sockets, librdkafka) is
