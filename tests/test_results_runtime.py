@@ -151,8 +151,15 @@ secret = "{SECRET}"
             done = runner.invoke(cli, ["read", "--url", base, "--wait", "20", *args], env=env)
             assert done.exit_code == 0, done.output
         _until(lambda: outputs(2) == every, 60, lambda: f"revision 2 delivered: {outputs(2)}")
-        study = json.loads(runner.invoke(cli, ["read", "--url", base, "study", uid], env=env).output)
-        assert study["result_status"] == "CORRECTED" and "report_text" not in study  # AI output: audited view only
+
+        def study_view() -> dict:
+            return json.loads(runner.invoke(cli, ["read", "--url", base, "study", uid], env=env).output)
+
+        # The deliveries and the results are two topics the sink writes apart: the delivered
+        # rows of revision 2 can be in the warehouse a moment before its result row.
+        _until(lambda: study_view()["result_status"] == "CORRECTED", 30,
+               lambda: f"the study view at CORRECTED: {study_view()['result_status']}")
+        assert "report_text" not in study_view()  # AI output: audited view only
         ai = json.loads(runner.invoke(cli, ["read", "--url", base, "ai", uid], env=env).output)
         assert ai["result_revision"] == 2 and "was not confirmed by the reader" in ai["report_text"]
 
