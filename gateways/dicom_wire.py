@@ -11,7 +11,8 @@ each element once, so two StudyInstanceUIDs cannot be filed under one); it retur
 :class:`DataSetShape` the pixel checks need. It handles implicit and explicit VR Little Endian, Explicit VR Big Endian
 (retired) and Deflated Explicit VR Little Endian (PS3.5 A.5); every compressed syntax
 is explicit VR Little Endian with encapsulated pixel data. Values are only skipped,
-never parsed, so the cost is one pass over the element headers.
+never parsed, so the cost is one pass over the element headers. :func:`encode_file_meta`
+is the one writer here: the PS3.10 file meta a gateway puts before each data set it stores.
 """
 
 from __future__ import annotations
