@@ -4,8 +4,9 @@ Triton's batcher (``dynamic_batching``) holds requests until ``preferred_batch_s
 reached or ``max_queue_delay_microseconds`` has passed since the oldest, and with
 ``priority_levels`` serves every level-1 request before any level-2 one, first in first
 out within a level. This one does the same for images: requests from many studies are
-queued, a batch is cut at ``max_batch`` images or ``max_delay_s`` after the first queued
-image, and the batch takes the most urgent images first, ``(level, sequence)`` order.
+queued, a batch is cut at ``max_batch`` images or ``max_delay_s`` after the oldest queued
+request arrived, and the batch takes the most urgent requests first, ``(level, sequence)``
+order, whole (a request is split only when it alone is larger than a batch).
 A batch is never pre-empted (neither is Triton's), so batches stay small enough that a
 STAT study waits at most two batches (the running one and the one queued behind it).
 Starvation is the caller's business: the AI stage promotes a routine study that has waited
@@ -24,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,11 +82,20 @@ class PriorityBatcher:
         self._buffers: list[np.ndarray | None] = [None, None]
         self._turn = 0
         self._in_flight = asyncio.Semaphore(2)
-        self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # batches for the engine's thread, None ends it
+        self._engine: threading.Thread | None = None
+        self._queued = 0  # images queued and not yet cut, kept as requests come, are cut or leave
+        # labelled metric children, looked up once: every batch observes them
+        self._batch_images = BATCH_IMAGES.labels(name)
+        self._queue_seconds: dict[int, Histogram] = {}
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._loop(), name=f"batcher-{self.name}")
+            self._engine = threading.Thread(target=self._engine_loop, args=(loop,), name=f"engine-{self.name}",
+                                            daemon=True)
+            self._engine.start()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -94,11 +105,13 @@ class PriorityBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._engine.shutdown(wait=False)
+        if self._engine is not None:
+            self._jobs.put(None)  # the thread ends after the batch it is running, if any
+            self._engine = None
 
     @property
     def queued_images(self) -> int:
-        return sum(item[3].remaining for item in self._heap)
+        return self._queued
 
     async def infer(self, images: np.ndarray, level: int, sequence: int | None = None) -> np.ndarray:
         """Run ``images`` (N, C, H, W) at priority ``level`` (1 = highest); returns the engine's
@@ -109,9 +122,10 @@ class PriorityBatcher:
         request = _Request(images=images, level=level, sequence=next(self._sequence) if sequence is None else sequence,
                            future=asyncio.get_running_loop().create_future(), queued_at=self._clock())
         heapq.heappush(self._heap, (level, request.sequence, next(self._ids), request))
+        self._queued += len(images)
         self._arrived.set()
         try:
-            return await asyncio.shield(request.future)
+            return await request.future  # cancelling the caller cancels the future: _finish skips it
         except asyncio.CancelledError:
             # the caller gave up (its study timed out): its images leave the queue
             self._drop(lambda r: r is request)
@@ -120,6 +134,7 @@ class PriorityBatcher:
     def _drop(self, gone: Callable[[_Request], bool]) -> None:
         self._heap = [item for item in self._heap if not gone(item[3])]
         heapq.heapify(self._heap)
+        self._queued = sum(item[3].remaining for item in self._heap)
 
     def _stack(self, batch: list[tuple[_Request, int, int]], size: int) -> np.ndarray:
         """The batch as one array: a view when it is one request's slice, else copied into a
@@ -138,34 +153,54 @@ class PriorityBatcher:
         return buffer[:size]  # two buffers, two batches in flight: reused only once its batch is done
 
     def _cut(self) -> list[tuple[_Request, int, int]]:
-        """The next batch: (request, first image, count) slices, most urgent first."""
+        """The next batch: (request, first image, count) slices, most urgent first.
+
+        A request is split only when it heads a batch and is larger than ``max_batch``;
+        one that does not fit in the room left heads the next batch instead, as Triton's
+        batcher never splits a request either. So a study's images usually go to the
+        engine as a view of its own array: merging two studies' slices into one batch
+        meant copying every image (64 kB each for the head-CT card), which cost more per
+        image than the larger batch saved.
+        """
         batch, room = [], self.max_batch
         while room and self._heap:
-            item = heapq.heappop(self._heap)
+            item = self._heap[0]
             request = item[3]
+            if batch and request.remaining > room:
+                break  # the most urgent request waits for a batch of its own, nothing overtakes it
+            heapq.heappop(self._heap)
             count = min(room, request.remaining)
             if request.taken == 0:
                 self.served.append(request.sequence)
-                QUEUE_SECONDS.labels(self.name, str(request.level)).observe(self._clock() - request.queued_at)
+                self._waited(request.level).observe(self._clock() - request.queued_at)
             batch.append((request, request.taken, count))
             request.taken += count
+            self._queued -= count
             room -= count
             if request.remaining:
                 heapq.heappush(self._heap, item)  # its other images keep their place
         return batch
 
+    def _waited(self, level: int) -> Histogram:
+        child = self._queue_seconds.get(level)
+        if child is None:
+            child = self._queue_seconds[level] = QUEUE_SECONDS.labels(self.name, str(level))
+        return child
+
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._heap:
                 self._arrived.clear()
                 await self._arrived.wait()
             await self._in_flight.acquire()  # at most two batches: one running, the next ready behind it
-            first = self._clock()
-            while self.queued_images < self.max_batch and self._clock() - first < self.max_delay_s:
+            # the delay runs from the oldest queued request's arrival, as Triton's
+            # max_queue_delay does, not from now: a request that already waited behind
+            # the running batches is not held back again (none left, all cancelled: no wait)
+            oldest = min((item[3].queued_at for item in self._heap), default=float("-inf"))
+            while self._queued < self.max_batch and (left := self.max_delay_s - (self._clock() - oldest)) > 0:
                 self._arrived.clear()
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), self.max_delay_s - (self._clock() - first))
+                    await asyncio.wait_for(self._arrived.wait(), left)
                 except TimeoutError:
                     break
             batch = self._cut()
@@ -173,18 +208,33 @@ class PriorityBatcher:
                 self._in_flight.release()
                 continue
             size = sum(count for _, _, count in batch)
-            BATCH_IMAGES.labels(self.name).observe(size)
+            self._batch_images.observe(size)
             try:
                 stacked = self._stack(batch, size)
             except Exception as exc:
                 self._finish(batch, size, exc)
                 continue
             # the engine's own thread takes the next batch the moment it is done with this one
-            running = loop.run_in_executor(self._engine, self._run, stacked)
-            running.add_done_callback(lambda done, batch=batch, size=size: self._finish(
-                batch, size, done.exception() if not done.cancelled() else RuntimeError("engine run cancelled"),
-                None if done.cancelled() or done.exception() else done.result()))
+            self._jobs.put((batch, size, stacked))
             self._turn ^= 1
+
+    def _engine_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The engine's thread: run each batch and hand its outcome straight to the event loop.
+
+        Between two batches this thread needs the GIL, which the loop holds while it handles
+        the last result; so the loop's work per batch is kept small (one wake-up, no executor
+        future to chain), because on a busy CPU the engine waits for it.
+        """
+        while (job := self._jobs.get()) is not None:
+            batch, size, stacked = job
+            try:
+                outputs, error = self._run(stacked), None
+            except BaseException as exc:  # noqa: BLE001 - every request of the batch gets it
+                outputs, error = None, exc
+            try:
+                loop.call_soon_threadsafe(self._finish, batch, size, error, outputs)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
 
     def _finish(self, batch: list[tuple[_Request, int, int]], size: int, error: BaseException | None,
                 outputs: np.ndarray | None = None) -> None:
@@ -201,6 +251,9 @@ class PriorityBatcher:
         for request, start, count in batch:
             part, offset = outputs[offset:offset + count], offset + count
             if request.future.done():
+                continue
+            if count == len(request.images):  # the whole request in one batch, as usual
+                request.future.set_result(part)
                 continue
             request.chunks.append((start, part))
             request.done += count

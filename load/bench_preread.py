@@ -32,6 +32,7 @@ durable, eight runs, while other sessions' tests and a model training shared the
 
     figure                                 ours          peer          ours / peer
     engine path, images/s                  18.9-21.1 k   21.1-26.0 k   0.74-0.90, 5-13 us/image *
+    engine path, 2026-12-07 (after)        10.3-11.2 k   10.9-12.0 k   0.935-0.94, ~6 us/image (4 runs)
     decode, images/s                       181-406       152-311       0.69-1.49 (1.18-1.31 at load <= 2)
     decode, the pool with mallopt          495-851 images/s: 1.2-3.5x the same pool without (now the stage's pool)
     stage via Kafka, images/s              121-194       120-209       0.76-1.21
@@ -54,10 +55,16 @@ What bounds it on CPU: decoding, not the engine. The demo CNN takes ~40 us/image
 batches of 32, ``preprocess_instance`` 1-4 ms per head-CT slice (dcmread, rescale/window,
 bilinear resize) and ~50 ms per chest CR: of the inference process's ~6 CPU ms per image
 the engine is ~0.04; the rest is decode, the blob GET and the pickling to the pool
-(infer 15-18 ms of a study's ~0.5 s). The engine path below 0.9 is the
-batcher's own Python per image (heap push/pop, per-image output bookkeeping, a thread hop
-per batch), ~10 us/image against a 40 us/image engine: a worst case, invisible next to
-decode on CPU, and the part that will matter on a GPU. On 2 cores the pool can at most
+(infer 15-18 ms of a study's ~0.5 s). The engine path was 0.80-0.88 (2026-12-07, three
+runs) for three reasons, each fixed in ``engines/batcher.py``: batches mixed two studies'
+slices (24 + 8), so every image was copied into the batch (~6 us per 64 kB image); the
+last partial batch of a burst waited ``max_batch_delay_ms`` again although its request had
+queued long before; and between two batches the engine's thread waited for the GIL while
+the event loop chained an executor future (three loop turns per batch). Now a request
+goes whole into a batch and runs as a view of its array, the delay counts from the oldest
+request's arrival, and the engine's own thread posts each result with one call: 0.935 in
+three runs (before, on the same machine minutes apart: 0.80, 0.83, 0.88), ~0.1 ms per
+batch left between runs, while the loop handles the result. On 2 cores the pool can at most
 double one process and competes with the stage's own process (Faust, blob GETs, pickling
 526 kB per slice to a worker), so the stage only ties the sequential peer here. The
 decode workers ran ~2x below what they could: glibc trims the heap and re-faults the

@@ -188,3 +188,57 @@ def test_an_engine_failure_fails_its_batch_and_the_queue_goes_on(tmp_path) -> No
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_batch_takes_whole_requests_and_splits_only_one_larger_than_a_batch(tmp_path) -> None:
+    run = _identity_model(tmp_path)
+    batches: list[tuple[list[float], bool]] = []
+    arrays: list[np.ndarray] = []
+
+    def recording(batch: np.ndarray) -> np.ndarray:
+        views = any(np.shares_memory(batch, a) for a in arrays)
+        batches.append((sorted(float(v) for v in batch.reshape(len(batch), -1)[:, 0]), views))
+        return run(batch)
+
+    async def scenario() -> None:
+        batcher = PriorityBatcher(recording, max_batch=4, max_delay_s=0.0, name="test")
+        study = lambda first, n: np.stack([np.full((1, 4, 4), first + i, np.float32) for i in range(n)])  # noqa: E731
+        arrays.extend([study(0, 3), study(10, 3), study(20, 6), study(40, 1)])
+        results = await asyncio.gather(*(batcher.infer(a, ROUTINE) for a in arrays))
+        # each request's outputs are its own, in order, however it was cut
+        for a, out in zip(arrays, results):
+            assert out[:, 0].tolist() == [16.0 * float(v) for v in a[:, 0, 0, 0]]
+        # 3 + 3 do not fit in 4: each 3-image study is a batch of its own, run as a view of
+        # its array; the 6-image one is split 4 + 2, and the 1-image study joins its last 2
+        assert batches == [([0.0, 1.0, 2.0], True), ([10.0, 11.0, 12.0], True),
+                           ([20.0, 21.0, 22.0, 23.0], True), ([24.0, 25.0, 40.0], False)]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_batch_delay_runs_from_the_oldest_request_not_from_when_the_engine_frees(tmp_path) -> None:
+    run = _identity_model(tmp_path)
+    gate = threading.Event()
+    clock = Clock()
+
+    def gated(batch: np.ndarray) -> np.ndarray:
+        gate.wait(10)
+        return run(batch)
+
+    async def scenario() -> None:
+        batcher = PriorityBatcher(gated, max_batch=4, max_delay_s=30.0, name="test", clock=clock)
+        full = lambda: np.ones((4, 1, 4, 4), np.float32)  # noqa: E731
+        running = [asyncio.create_task(batcher.infer(full(), ROUTINE)) for _ in range(2)]  # both batch slots
+        await _settle()
+        late = asyncio.create_task(batcher.infer(np.ones((1, 1, 4, 4), np.float32), ROUTINE))
+        await _settle()
+        clock.now = 31.0  # it has waited past max_delay_s behind the two batches in flight
+        gate.set()
+        # cut the moment a slot frees, not held another 30 s for company
+        out = await asyncio.wait_for(late, 5)
+        assert float(out[0, 0]) == 16.0
+        await asyncio.gather(*running)
+        await batcher.stop()
+
+    asyncio.run(scenario())
