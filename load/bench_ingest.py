@@ -120,6 +120,18 @@ per event: group commit of concurrent associations' events into one produce (one
 PUT, watermark PUT and fetch GET for several instances), at the price of a linger on each
 C-STORE; or a broker whose log is not an object per produce.
 
+Fourth pass, 2026-12-07 (09:45-10:30): that group commit (``kafka.group_commit_ms``, 15 ms).
+A publish made while another caller waits for its ack goes through a second producer that
+lingers; one made alone is sent at once, so one association pays nothing (97 of 100 of
+its publishes went alone, the rest were the warm-up's tail). Alternating A/B of the
+4-association send (200 slices), off against 15 ms, seven and eight runs over 40 minutes:
+59.6-79.2 inst/s (mean ~71) against 49.0-74.1 (mean ~62.5); while sending the object
+store 8.8-12.2 CPU ms per instance (mean 9.9) against 10.8-17.1 (mean 13.6), the broker
+1.4-2.3 against 2.2-3.9. 8 and 30 ms measured within that noise, two runs each. Then
+``bench_ingest`` twice: 4 associations 77.4 vs 230.5 (0.34) and 75.8 vs 209.9 (0.36),
+1 association 49.2 vs 108.6 (0.45) in the second run, the machine slower than earlier
+that day for both sides.
+
 Profilers: Go pprof from ``weed mini -debug`` (18 s from the first send); ``py-spy record
 --gil --nonblocking`` on the gateway and the worker during the 4-association send and its
 settle (``--py-spy DIR``), so C work done without the GIL (hashing, sockets, librdkafka) is

@@ -67,6 +67,14 @@ class KafkaSettings(_Group):
     )
     heartbeat_interval_s: float = Field(1.0, gt=0)
     produce_timeout_s: float = Field(10.0, gt=0, description="how long a gateway waits for a broker ack")
+    group_commit_ms: float = Field(
+        15.0, ge=0, le=1000,
+        description="a gateway publish made while another waits for its ack lingers this long, so concurrent "
+                    "senders' events share one produce request; a publish made alone is sent at once. On Tansu's "
+                    "object-store engine every produce request costs object-store writes, and each consumer a "
+                    "read (measured 2026-12-07, 4 associations: object store 12.3 -> 8.8 CPU ms per instance). "
+                    "0 turns it off: on a Kafka cluster a produce request is cheap",
+    )
     schema_registry_url: str | None = Field(
         None, description="Confluent schema registry; unset means Avro single-object encoding"
     )

@@ -523,3 +523,32 @@ def test_file_meta_refuses_a_value_its_two_byte_length_cannot_hold() -> None:
 
     with pytest.raises(ValueError, match=r"\(0002,0003\) of 70000 bytes"):
         encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1" * 70_000, "1.2.840.10008.1.2", "1.2", "X")
+
+
+def test_a_publish_made_while_others_wait_lingers_to_share_their_request_and_one_alone_does_not(
+        broker: Settings) -> None:
+    from schemas.events import utcnow
+
+    letter = lambda n: DeadLetter(stage="test", reason="group-commit", error=str(n), failed_at=utcnow(),  # noqa: E731
+                                  key=f"k{n}")
+    publisher = EventPublisher(broker, group_commit_ms=5000)  # long enough to see what lingers
+    try:
+        first = publisher.begin(DEAD_LETTER, letter(0))  # nobody else waits: sent at once
+        joined = [publisher.begin(DEAD_LETTER, letter(n)) for n in (1, 2, 3)]  # while it waits: they linger
+        assert len(publisher._group.producer) == 3
+        first()
+        assert len(publisher._group.producer) == 3  # the first one's ack did not wait for them
+        for wait in joined:
+            wait()
+        alone = publisher.begin(DEAD_LETTER, letter(4))  # alone again: not held back
+        assert len(publisher._group.producer) == 0
+        alone()
+        assert sorted(e.error for e in consume(broker, DEAD_LETTER, 5)) == ["0", "1", "2", "3", "4"]
+    finally:
+        publisher.close(timeout_s=5)
+    # turned off, one producer serves everyone
+    single = EventPublisher(broker, group_commit_ms=0)
+    try:
+        assert single._group is single._solo
+    finally:
+        single.close(timeout_s=5)
