@@ -1,7 +1,6 @@
 """One DICOM instance in, one de-identified instance out (DICOM PS3.15 Annex E).
 
-About 670 lines: one walk over the data set whose actions share the plan, the cleaner, the byte-level
-encoder and the raw-byte readers that keep untouched elements unconverted.
+About 670 lines; why, in the last paragraph below.
 
 Works on the encoded dataset as pydicom reads it: elements stay raw (undecoded bytes)
 unless an action needs their value, so Pixel Data, and every attribute the profile

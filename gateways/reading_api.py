@@ -36,9 +36,8 @@ of the study's site and admins acknowledge it by finding; the :class:`AlertAck` 
 acknowledged, on ``alert.ack`` and audited, and answered 200 (the alerts stage cannot refuse it: an
 escalation already on its way is the only thing it may not stop).
 
-Just over 400 lines: one aiohttp application, its routes and the authorisation and audit every
-route shares; the answers' shapes are in :mod:`gateways.http_answers`, the dashboard's routes
-in :mod:`gateways.dashboard`.
+The answers' shapes are in :mod:`gateways.http_answers`, the dashboard's routes in
+:mod:`gateways.dashboard`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark: the AI pre-read stage (``python -m streams inference``), each part against a bare peer.
 
-About 490 lines, a third of them the measured figures below; the three parts share one
+About 500 lines, a third of them the measured figures below; the three parts share one
 study set, one runtime and one report, so they stay in one runnable file.
 
 Three figures, each ``ours / peer`` with the peer measured in the same run:
@@ -71,8 +71,7 @@ decode workers ran ~2x below what they could: glibc trims the heap and re-faults
 0.5-1 MB buffers of each slice (pickled bytes, pixel array, float32 copies); ``mallopt``
 (M_MMAP_THRESHOLD 32 MB, M_TRIM_THRESHOLD 256 MB) in a pool initializer fixed that and is
 now what the stage's pool does (``engines.preprocess.decode_worker_init``); the benchmark
-still prints the untuned pool beside it. The file is over 400 lines because it holds
-three benchmarks, each with its peer, in one run.
+still prints the untuned pool beside it.
 """
 
 from __future__ import annotations

@@ -147,8 +147,7 @@ arrives, and the consumer loop flushed and committed synchronously per settled o
 0.5 s: the wait is ~30 ms. What is left of the SR's ~105 ms is highdicom's build_sr
 (~50 ms) and store_sr (~50 ms, ~35 ms of it a new association per SR).
 
-Over 400 lines, a third of them this docstring (the profile and the measured figures): the
-pipeline mode and the command line are here; the outbox mode is :mod:`load.results_outbox`,
+The pipeline mode and the command line are here; the outbox mode is :mod:`load.results_outbox`,
 the peers :mod:`load.results_peers`, the results and figures both modes share
 :mod:`load.results_measure`, and the runtime the pipeline mode starts :mod:`load.results_pipeline`.
 """
