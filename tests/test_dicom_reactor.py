@@ -107,3 +107,76 @@ def test_an_idle_association_waits_instead_of_polling(scp, monkeypatch) -> None:
     assert waits >= 4, waits
     # ... and woke on the timeout, not every millisecond (4 threads x 20/s, with slack)
     assert waits < 4 * (1.0 / dicom_reactor.MAX_WAIT_S) * 2, waits
+
+
+class _CountingSocket:
+    """One end of a socket pair whose ``recv_into`` calls are counted."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.calls = 0
+
+    def recv_into(self, buffer) -> int:
+        self.calls += 1
+        return self.sock.recv_into(buffer)
+
+
+def _pair_with_sender(payload: bytes, close_after: bool = True):
+    import socket
+
+    ours, theirs = socket.socketpair()
+
+    def send() -> None:
+        theirs.sendall(payload)
+        if close_after:
+            theirs.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    return ours, theirs, sender
+
+
+def test_a_pdu_is_read_in_a_few_calls_not_4_kB_at_a_time() -> None:
+    """pynetdicom's recv asks for 4,096 bytes a call: 600 kB would be 147 calls."""
+    payload = bytes(range(256)) * 2400  # 614,400 bytes, patterned so an offset error shows
+    ours, theirs, sender = _pair_with_sender(payload, close_after=False)
+    counted = _CountingSocket(ours)
+    try:
+        data = dicom_reactor.read_exactly(counted, len(payload))
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+    assert bytes(data) == payload
+    assert counted.calls < 147 // 4, counted.calls
+
+
+def test_the_buffer_grows_past_its_first_size(monkeypatch) -> None:
+    monkeypatch.setattr(dicom_reactor, "FIRST_READ_BYTES", 1000)
+    payload = bytes(range(256)) * 20  # 5,120 bytes: 1,000 then doubled to 2,000, 4,000, then 5,120
+    ours, theirs, sender = _pair_with_sender(payload, close_after=False)
+    try:
+        assert bytes(dicom_reactor.read_exactly(ours, len(payload))) == payload
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_a_declared_length_is_not_allocated_before_its_bytes_arrive() -> None:
+    """A hostile A-ASSOCIATE or P-DATA header may declare 4 GiB (the maximum PDU size is
+    unlimited) and send 10 bytes: the read returns those 10 once the peer closes,
+    having allocated at most the first buffer, as pynetdicom's own read returns short."""
+    import tracemalloc
+
+    ours, theirs, sender = _pair_with_sender(b"0123456789")
+    tracemalloc.start()
+    try:
+        data = dicom_reactor.read_exactly(ours, 0xFFFFFFFF)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        sender.join()
+        ours.close()
+    assert bytes(data) == b"0123456789"
+    assert peak < 2 * dicom_reactor.FIRST_READ_BYTES, peak
