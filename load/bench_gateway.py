@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -40,6 +39,7 @@ from schemas.settings import Settings, load_settings
 from adapters.telemetry import configure_logging
 from schemas.topics import INSTANCE_RECEIVED
 from adapters.kafka import ensure_topics
+from load.services import events_on_topic
 
 STORESCU = "/usr/bin/storescu"
 CALLING_AE = "BENCH"
@@ -106,27 +106,6 @@ def send(host: str, port: int, called_ae: str, files: Sequence[Path], senders: i
     return elapsed
 
 
-def events_on_topic(settings: Settings, idle_s: float = 2.0) -> int:
-    """Events on instance.received, counted by reading them all.
-
-    Not from watermarks: Tansu reports a partition's end as the base offset of its last
-    batch + 1, which undercounts whenever the producer batched.
-    """
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-count",
-                         "enable.auto.commit": False})
-    topic = INSTANCE_RECEIVED.name(settings)
-    try:
-        consumer.assign([TopicPartition(topic, p, 0) for p in range(settings.kafka.partitions)])
-        count, last = 0, time.monotonic()
-        while time.monotonic() - last < idle_s:
-            msg = consumer.poll(0.2)
-            if msg is not None and not msg.error():
-                count, last = count + 1, time.monotonic()
-        return count
-    finally:
-        consumer.close()
-
-
 def run_gateway(settings: Settings, store: BlobStore, files: Sequence[Path], warmup: Sequence[Path],
                 senders: int, linger_ms: float, log_dir: Path, broker_env: dict[str, str]) -> tuple[float, float, int]:
     """Gateway instances/s, mean handling ms and events published, against a fresh Tansu."""
@@ -144,7 +123,7 @@ def run_gateway(settings: Settings, store: BlobStore, files: Sequence[Path], war
         handled_before = REGISTRY.get_sample_value("radstream_dicom_store_seconds_sum") or 0.0
         gateway_s = send(host, settings.dicom.port, settings.dicom.ae_title, files, senders)
         handled_s = (REGISTRY.get_sample_value("radstream_dicom_store_seconds_sum") or 0.0) - handled_before
-        published = events_on_topic(settings) - len(warmup)
+        published = events_on_topic(settings, INSTANCE_RECEIVED) - len(warmup)
     finally:
         if server is not None:
             server.shutdown()

@@ -9,26 +9,28 @@ message, builds the ``OrderReceived`` event, publishes it to a real Tansu broker
 waits for the broker's ack before answering AA; the ratio is what that guarantee costs.
 Every ACK must be AA and every accepted order must be on ``order.received``.
 
-    python -m load.bench_mllp --messages 2000 [--connections 1 4]
+The headline is the durable default, as ``radstream up`` runs it: the broker's log on
+``s3://`` in the embedded SeaweedFS. The second line is the broker on ``memory://``,
+which shows what the durable log costs. Each runs against its own fresh broker (and
+object store); the peer is measured once per connection count.
+
+    python -m load.bench_mllp --messages 2000 [--connections 1 4] [--broker-storage both|s3|memory]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
-
+from load.services import events_on_topic, gateway_env, start_services, stop_all
 from radstream import procs
-from schemas.settings import Settings, load_settings
+from schemas.settings import load_settings
 from schemas.topics import ORDER_RECEIVED
-from adapters.kafka import ensure_topics
 
 VT, FS_CR = b"\x0b", b"\x1c\r"
 
@@ -97,80 +99,84 @@ async def _echo_server(port: int) -> None:
         await server.serve_forever()
 
 
-def _wait_port(port: int, proc) -> None:
-    procs.wait_for_port("127.0.0.1", port, 30, proc)
+STORAGES = {"s3": "s3://tansu/", "memory": "memory://tansu/"}
+WARM_UP = 50
 
 
-def count_on_topic(settings: Settings) -> int:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"bench-{time.time()}"})
-    topic = ORDER_RECEIVED.name(settings)
-    total = 0
+def run_ours(root: Path, storage: str, batches: list[list[bytes]], connections: list[int]) -> tuple[list[tuple[float, int]], int]:
+    """Our gateway on a fresh broker whose log is on ``storage``: (messages/s, AA) per
+    connection count, and the orders on ``order.received`` less the warm-up."""
+    root.mkdir(parents=True)
+    settings = load_settings(data_dir=root / "data", log_level="WARNING",
+                             **procs.isolated_listeners(kafka={"storage": STORAGES[storage]}))
+    services = start_services(settings, root)
+    gateway = None
     try:
-        for partition in range(settings.kafka.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            total += high - low
+        gateway = procs.spawn(procs.python_module("gateways.hl7_mllp"), env=gateway_env(settings),
+                              log_path=root / "hl7.log")
+        procs.wait_for_port("127.0.0.1", settings.hl7.port, 60, gateway)
+        measure(settings.hl7.port, [orm(-i) for i in range(1, WARM_UP + 1)], 1)  # producer, connections
+        results = [measure(settings.hl7.port, batch, n) for batch, n in zip(batches, connections)]
+        return results, events_on_topic(settings, ORDER_RECEIVED) - WARM_UP
     finally:
-        consumer.close()
-    return total
+        if gateway is not None:
+            procs.stop(gateway, grace_s=3)
+        stop_all(services)
+
+
+def run_peer(root: Path, batches: list[list[bytes]], connections: list[int]) -> list[tuple[float, int]]:
+    """The hl7 echo server, in its own process like the gateway: (messages/s, AA) per connection count."""
+    port = procs.free_port()
+    peer = procs.spawn([sys.executable, "-m", "load.bench_mllp", "--peer-server", str(port)],
+                       log_path=root / "peer.log")
+    try:
+        procs.wait_for_port("127.0.0.1", port, 30, peer)
+        measure(port, [orm(-i) for i in range(1, WARM_UP + 1)], 1)
+        return [measure(port, batch, n) for batch, n in zip(batches, connections)]
+    finally:
+        procs.stop(peer, grace_s=3)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--broker-storage", choices=["both", "s3", "memory"], default="both",
+                        help="the broker's log: s3:// (the durable default, the headline), memory://, or both")
     parser.add_argument("--peer-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peer_server:
         asyncio.run(_echo_server(args.peer_server))
         return 0
-
+    if args.messages < 1 or min(args.connections) < 1:
+        parser.error("--messages and --connections must be at least 1")
+    storages = ["s3", "memory"] if args.broker_storage == "both" else [args.broker_storage]
+    batches = [[orm(k * args.messages + i) for i in range(args.messages)] for k in range(len(args.connections))]
+    print(f"messages: {args.messages} ORM^O01 ({len(orm(1))} bytes) per connection count, "
+          f"ACK after broker ack (acks=all)", flush=True)
+    failed = False
     with tempfile.TemporaryDirectory(prefix="bench-mllp-") as tmp:
-        settings = load_settings(
-            data_dir=Path(tmp) / "data", log_level="WARNING",
-            kafka={"embedded_port": procs.free_port(), "storage": "memory://tansu/", "partitions": 4},
-            blobs={"backend": "local"},
-            hl7={"port": procs.free_port()}, metrics={"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0},
-        )
-        peer_port = procs.free_port()
-        env = {**os.environ, **settings.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
-        broker = procs.start_tansu(settings.bind_host, settings.kafka.embedded_port, "memory://tansu/",
-                                   log_path=Path(tmp) / "tansu.log")
-        children = [broker]
-        try:
-            ensure_topics(settings)
-            peer = procs.spawn([sys.executable, "-m", "load.bench_mllp", "--peer-server", str(peer_port)], env=env,
-                               log_path=Path(tmp) / "peer.log")
-            gateway = procs.spawn(procs.python_module("gateways.hl7_mllp"), env=env, log_path=Path(tmp) / "hl7.log")
-            children += [peer, gateway]
-            _wait_port(peer_port, peer)
-            _wait_port(settings.hl7.port, gateway)
-            measure(settings.hl7.port, [orm(-i) for i in range(1, 51)], 1)  # warm-up: producer, connections
-            measure(peer_port, [orm(-i) for i in range(1, 51)], 1)
-            print(f"messages: {args.messages} ORM^O01 ({len(orm(1))} bytes), broker: tansu memory://, "
-                  f"ACK after broker ack (acks=all)", flush=True)
-            number = 0
-            for connections in args.connections:
-                batch = [orm(number + i) for i in range(args.messages)]
-                number += args.messages
-                peer_rate, peer_ok = measure(peer_port, batch, connections)
-                ours_rate, ours_ok = measure(settings.hl7.port, batch, connections)
-                print(f"[{connections} connection(s)] hl7 asyncio echo server messages/s: {peer_rate:.0f} "
-                      f"(AA {peer_ok}/{len(batch)})")
-                print(f"[{connections} connection(s)] radstream HL7 gateway messages/s: {ours_rate:.0f} "
-                      f"(AA {ours_ok}/{len(batch)})")
-                print(f"[{connections} connection(s)] radstream / hl7-echo = {ours_rate / peer_rate:.2f}", flush=True)
-                if ours_ok != len(batch) or peer_ok != len(batch):
-                    print("error: not every message was acknowledged AA", file=sys.stderr)
-                    return 1
-            on_topic = count_on_topic(settings) - 50  # less the warm-up
-            print(f"orders on {ORDER_RECEIVED.suffix}: {on_topic}/{number}")
-            if on_topic < number:
+        peer = run_peer(Path(tmp), batches, args.connections)
+        for (rate, accepted), connections in zip(peer, args.connections):
+            print(f"[{connections} connection(s)] hl7 asyncio echo server messages/s: {rate:.0f} "
+                  f"(AA {accepted}/{args.messages})", flush=True)
+            failed |= accepted != args.messages
+        for storage in storages:
+            ours, on_topic = run_ours(Path(tmp) / storage, storage, batches, args.connections)
+            label = "radstream" if storage == "s3" else f"radstream[{STORAGES[storage]}]"
+            for (rate, accepted), (peer_rate, _), connections in zip(ours, peer, args.connections):
+                print(f"[{connections} connection(s)] radstream HL7 gateway, broker {STORAGES[storage]}, "
+                      f"messages/s: {rate:.0f} (AA {accepted}/{args.messages})")
+                print(f"[{connections} connection(s)] {label} / hl7-echo = {rate / peer_rate:.2f}", flush=True)
+                failed |= accepted != args.messages
+            expected = args.messages * len(args.connections)
+            print(f"orders on {ORDER_RECEIVED.suffix} (broker {STORAGES[storage]}): {on_topic}/{expected}", flush=True)
+            if on_topic < expected:
                 print("error: the gateway acknowledged orders that are not on the topic", file=sys.stderr)
-                return 1
-        finally:
-            for child in reversed(children):
-                procs.stop(child, grace_s=3)
-    return 0
+                failed = True
+    if failed:
+        print("error: not every message was acknowledged AA, or not every order is on the topic", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 """The embedded object store and broker, started as ``radstream up`` starts them, for the
-benchmarks that need only those (the pre-read stage through Kafka, the results outbox)."""
+benchmarks that need only those (the pre-read stage through Kafka, the results outbox, the
+STOW-RS and MLLP gateways), and the count of what a gateway put on its topic."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
 
 from adapters.kafka import ensure_topics
 from radstream import procs
 from schemas.settings import Settings
+from schemas.topics import TopicSpec
 
 
 def start_services(settings: Settings, root: Path) -> list[subprocess.Popen]:
@@ -34,3 +39,28 @@ def start_services(settings: Settings, root: Path) -> list[subprocess.Popen]:
 def stop_all(started: list[subprocess.Popen]) -> None:
     for proc in reversed(started):
         procs.stop(proc, grace_s=5)
+
+
+def gateway_env(settings: Settings) -> dict[str, str]:
+    """The environment of a gateway process on ``settings`` (the object store's credentials are in its data dir)."""
+    return {**os.environ, **settings.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+
+
+def events_on_topic(settings: Settings, topic: TopicSpec, idle_s: float = 2.0) -> int:
+    """Events on ``topic``, counted by reading them all.
+
+    Not from watermarks: Tansu reports a partition's end as the base offset of its last
+    batch + 1, which undercounts whenever the producer batched (group commit does).
+    """
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"bench-count-{time.time()}",
+                         "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(topic.name(settings), p, 0) for p in range(settings.kafka.partitions)])
+        count, last = 0, time.monotonic()
+        while time.monotonic() - last < idle_s:
+            msg = consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                count, last = count + 1, time.monotonic()
+        return count
+    finally:
+        consumer.close()
