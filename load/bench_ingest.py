@@ -132,6 +132,21 @@ store 8.8-12.2 CPU ms per instance (mean 9.9) against 10.8-17.1 (mean 13.6), the
 1 association 49.2 vs 108.6 (0.45) in the second run, the machine slower than earlier
 that day for both sides.
 
+Fifth pass, 2026-12-07 (12:00-12:35). The gateway's CPU is mostly pynetdicom's: a bare
+pynetdicom SCP that only writes files costs 8-12 CPU ms per slice on its own. Its
+``AssociationSocket.recv`` read every PDU 4,096 bytes per call (~130 calls a slice); the
+gateway now reads with ``recv_into`` for all the socket holds (``dicom_reactor``). A/B
+of the 4-association send, 3 rounds: 61.5 -> 72.1 inst/s (means; runs 59.9-64.4 against
+61.8-87.7), gateway 11.3 -> 10.1 CPU ms per instance. ``bench_ingest`` once after: 48.3
+vs 108.7 (0.44) on 1 association, 65.3 vs 194.4 (0.34) on 4; CPU s/100 while sending:
+weed 1.33, gateway 1.01, broker 0.29, worker 0.19. Measured and not kept: GOMAXPROCS=1
+for weed with one Tokio worker for Tansu (weed 10.4 vs 11.0 ms per instance, but 61.0
+inst/s: one Go thread serialises the store); librdkafka's one request in flight instead
+of the lingering group producer (63.7 vs 66.2 inst/s, weed 13.2 vs 10.8 ms: fewer events
+per produce). Still to take: pynetdicom builds and encodes each C-STORE-RSP as a pydicom
+data set (~0.4-0.7 ms a slice) and turns each request's command set into a primitive
+through validating setters (~0.3 ms).
+
 Profilers: Go pprof from ``weed mini -debug`` (18 s from the first send); ``py-spy record
 --gil --nonblocking`` on the gateway and the worker during the 4-association send and its
 settle (``--py-spy DIR``), so C work done without the GIL (hashing, sockets, librdkafka) is
