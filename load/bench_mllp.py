@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from load.services import events_on_topic, gateway_env, start_services, stop_all
+from load.services import BROKER_STORAGES as STORAGES, events_on_topic, running_gateway
 from radstream import procs
 from schemas.settings import load_settings
 from schemas.topics import ORDER_RECEIVED
@@ -99,29 +99,20 @@ async def _echo_server(port: int) -> None:
         await server.serve_forever()
 
 
-STORAGES = {"s3": "s3://tansu/", "memory": "memory://tansu/"}
 WARM_UP = 50
 
 
-def run_ours(root: Path, storage: str, batches: list[list[bytes]], connections: list[int]) -> tuple[list[tuple[float, int]], int]:
+def run_ours(root: Path, storage: str, batches: list[list[bytes]],
+             connections: list[int]) -> tuple[list[tuple[float, int]], int]:
     """Our gateway on a fresh broker whose log is on ``storage``: (messages/s, AA) per
     connection count, and the orders on ``order.received`` less the warm-up."""
     root.mkdir(parents=True)
     settings = load_settings(data_dir=root / "data", log_level="WARNING",
                              **procs.isolated_listeners(kafka={"storage": STORAGES[storage]}))
-    services = start_services(settings, root)
-    gateway = None
-    try:
-        gateway = procs.spawn(procs.python_module("gateways.hl7_mllp"), env=gateway_env(settings),
-                              log_path=root / "hl7.log")
-        procs.wait_for_port("127.0.0.1", settings.hl7.port, 60, gateway)
+    with running_gateway(settings, root, "gateways.hl7_mllp", settings.hl7.port):
         measure(settings.hl7.port, [orm(-i) for i in range(1, WARM_UP + 1)], 1)  # producer, connections
         results = [measure(settings.hl7.port, batch, n) for batch, n in zip(batches, connections)]
         return results, events_on_topic(settings, ORDER_RECEIVED) - WARM_UP
-    finally:
-        if gateway is not None:
-            procs.stop(gateway, grace_s=3)
-        stop_all(services)
 
 
 def run_peer(root: Path, batches: list[list[bytes]], connections: list[int]) -> list[tuple[float, int]]:

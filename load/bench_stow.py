@@ -33,7 +33,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from load.orthanc_peer import start_orthanc
-from load.services import events_on_topic, gateway_env, start_services, stop_all
+from load.services import BROKER_STORAGES as STORAGES, events_on_topic, running_gateway
 from radstream import procs
 from schemas.settings import load_settings
 from schemas.topics import INSTANCE_RECEIVED
@@ -70,21 +70,13 @@ def timed(batches: list[list[bytes]], send, senders: int) -> float:
     return time.perf_counter() - started
 
 
-STORAGES = {"s3": "s3://tansu/", "memory": "memory://tansu/"}
-
-
 def run_ours(root: Path, storage: str, files: list[bytes], senders: int, per_request: int) -> tuple[float, int]:
     """(instances/s, events on instance.received) of our STOW-RS gateway on a fresh object
     store and broker whose log is on ``storage``; the first file is the untimed warm-up."""
     root.mkdir(parents=True)
     settings = load_settings(data_dir=root / "data", log_level="WARNING", **procs.isolated_listeners(
         kafka={"storage": STORAGES[storage]}, stow={"tokens": f"{TOKEN}=BENCH"}))
-    services = start_services(settings, root)
-    gateway = None
-    try:
-        gateway = procs.spawn(procs.python_module("gateways.stow_rs"), env=gateway_env(settings),
-                              log_path=root / "gateway.log")
-        procs.wait_for_port("127.0.0.1", settings.stow.port, 60, gateway)
+    with running_gateway(settings, root, "gateways.stow_rs", settings.stow.port):
         url = f"http://127.0.0.1:{settings.stow.port}/dicomweb/studies"
         headers = {"Authorization": f"Bearer {TOKEN}",
                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'}
@@ -97,10 +89,6 @@ def run_ours(root: Path, storage: str, files: list[bytes], senders: int, per_req
         stow([files[0]])  # warm-up: producer connected, topics' metadata known
         elapsed = timed(per_post(files, per_request), stow, senders)
         return (len(files) - 1) / elapsed, events_on_topic(settings, INSTANCE_RECEIVED) - 1
-    finally:
-        if gateway is not None:
-            procs.stop(gateway, grace_s=5)
-        stop_all(services)
 
 
 def run_orthanc(root: Path, files: list[bytes], senders: int, per_request: int) -> float:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
@@ -41,9 +43,26 @@ def stop_all(started: list[subprocess.Popen]) -> None:
         procs.stop(proc, grace_s=5)
 
 
-def gateway_env(settings: Settings) -> dict[str, str]:
-    """The environment of a gateway process on ``settings`` (the object store's credentials are in its data dir)."""
-    return {**os.environ, **settings.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+#: ``--broker-storage`` of the gateway benchmarks: the durable default first, the headline.
+BROKER_STORAGES = {"s3": "s3://tansu/", "memory": "memory://tansu/"}
+
+
+@contextmanager
+def running_gateway(settings: Settings, root: Path, module: str, port: int) -> Iterator[None]:
+    """The gateway ``python -m module`` listening on ``port``, on its own fresh object store and
+    broker (:func:`start_services`); all stopped on exit. Logs go to ``root``."""
+    services = start_services(settings, root)
+    gateway = None
+    try:
+        # the object store's credentials are in the data dir, which settings.to_env() names
+        env = {**os.environ, **settings.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap}
+        gateway = procs.spawn(procs.python_module(module), env=env, log_path=root / f"{module}.log")
+        procs.wait_for_port(settings.bind_host, port, 60, gateway)
+        yield
+    finally:
+        if gateway is not None:
+            procs.stop(gateway, grace_s=5)
+        stop_all(services)
 
 
 def events_on_topic(settings: Settings, topic: TopicSpec, idle_s: float = 2.0) -> int:

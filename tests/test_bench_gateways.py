@@ -49,5 +49,6 @@ def test_mllp_headline_is_the_durable_default_with_every_order_on_the_topic() ->
                          r"\(AA 20/20\)$", out, re.MULTILINE), out
         assert re.search(rf"^\[{connections} connection\(s\)\] radstream HL7 gateway, broker s3://tansu/, "
                          rf"messages/s: {NUMBER} \(AA 20/20\)$", out, re.MULTILINE), out
-        assert re.search(rf"^\[{connections} connection\(s\)\] radstream / hl7-echo = {NUMBER}$", out, re.MULTILINE), out
+        ratio = rf"^\[{connections} connection\(s\)\] radstream / hl7-echo = {NUMBER}$"
+        assert re.search(ratio, out, re.MULTILINE), out
     assert "orders on order.received (broker s3://tansu/): 40/40" in out
