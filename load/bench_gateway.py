@@ -34,7 +34,7 @@ from schemas.blobs import BlobStore
 from adapters.blobs import open_blob_store
 from gateways.dicom_scp import start_gateway
 from gateways.publisher import EventPublisher
-from radstream import procs
+from radstream import objectstore, procs
 from schemas.settings import Settings, load_settings
 from adapters.telemetry import configure_logging
 from schemas.topics import INSTANCE_RECEIVED
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     failed = True
         finally:
             if weed is not None:
-                procs.stop(weed, grace_s=5)
+                objectstore.stop_embedded(weed, base)
     return 1 if failed else 0
 
 
@@ -221,7 +221,6 @@ def _free_block(host: str, count: int) -> int:
 
 def _start_objectstore(settings: Settings, root: Path):
     """The embedded SeaweedFS as radstream up runs it; returns it and Tansu's S3 env."""
-    from radstream import objectstore
     from adapters.s3 import load_credentials
 
     proc = objectstore.start_embedded(settings, root / "seaweedfs.log")

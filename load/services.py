@@ -5,10 +5,9 @@ STOW-RS and MLLP gateways), and the count of what a gateway put on its topic."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
@@ -19,28 +18,31 @@ from schemas.settings import Settings
 from schemas.topics import TopicSpec
 
 
-def start_services(settings: Settings, root: Path) -> list[subprocess.Popen]:
-    """SeaweedFS when blobs or the broker's log live on S3, then Tansu; topics created."""
-    started, env = [], dict(os.environ)
-    if settings.blobs.backend == "s3" or settings.kafka.storage.startswith("s3://"):
-        from adapters.s3 import load_credentials
-        from radstream.objectstore import start_embedded, tansu_env
+def start_services(settings: Settings, root: Path) -> ExitStack:
+    """SeaweedFS when blobs or the broker's log live on S3, then Tansu; topics created.
 
-        started.append(start_embedded(settings, root / "seaweedfs.log"))
-        env.update(tansu_env(settings, load_credentials(settings)))
+    Returns what stops them, in reverse order: pass it to :func:`stop_all`."""
+    started, env = ExitStack(), dict(os.environ)
     try:
-        started.append(procs.start_tansu(settings.bind_host, settings.kafka.embedded_port, settings.kafka.storage,
-                                         log_path=root / "tansu.log", env=env))
+        if settings.blobs.backend == "s3" or settings.kafka.storage.startswith("s3://"):
+            from adapters.s3 import load_credentials
+            from radstream.objectstore import start_embedded, stop_embedded, tansu_env
+
+            weed = start_embedded(settings, root / "seaweedfs.log")
+            started.callback(stop_embedded, weed, settings)
+            env.update(tansu_env(settings, load_credentials(settings)))
+        broker = procs.start_tansu(settings.bind_host, settings.kafka.embedded_port, settings.kafka.storage,
+                                   log_path=root / "tansu.log", env=env)
+        started.callback(procs.stop, broker, grace_s=5)
         ensure_topics(settings)
     except BaseException:
-        stop_all(started)
+        started.close()
         raise
     return started
 
 
-def stop_all(started: list[subprocess.Popen]) -> None:
-    for proc in reversed(started):
-        procs.stop(proc, grace_s=5)
+def stop_all(started: ExitStack) -> None:
+    started.close()
 
 
 #: ``--broker-storage`` of the gateway benchmarks: the durable default first, the headline.

@@ -4,6 +4,11 @@ SeaweedFS is a real distributed object store with an S3 API; ``weed mini`` runs 
 master, volume server, filer and S3 gateway in one process. Every port it opens comes
 from settings (``seaweedfs.s3_port`` and ``seaweedfs.port_base`` .. ``+10``), every
 listener binds to ``bind_host``, and its data lives under ``DATA_DIR/objectstore``.
+It also makes one unix socket per server in the temporary directory
+(``seaweedfs-<server>-<port>.sock``), which it leaves there when it stops:
+:func:`remove_sockets` deletes ours, and everything that starts it calls that after it
+stops (``radstream up`` through the child's ``reset``, the rest through
+:func:`stop_embedded`).
 The same S3 endpoint holds the claim-check blobs and, with ``kafka.storage =
 s3://tansu/``, the embedded broker's log: that is what makes the embedded runtime
 durable.
@@ -11,7 +16,9 @@ durable.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -70,6 +77,33 @@ def argv(settings: Settings) -> list[str]:
     ]
 
 
+def socket_paths(settings: Settings) -> list[Path]:
+    """The unix sockets ``weed mini`` left for this object store's ports.
+
+    SeaweedFS names them ``seaweedfs-<server>-<port>.sock`` in Go's temporary directory
+    (``$TMPDIR``, else /tmp). Only the S3 and filer ones have flags to move them, and a
+    socket path may not exceed 108 bytes, which a data dir under pytest's temporary
+    directories would.
+    """
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    found = []
+    for port in sorted(set(ports(settings).values())):
+        for path in tmp.glob(f"seaweedfs-*-{port}.sock"):
+            try:
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    found.append(path)
+            except FileNotFoundError:
+                continue
+    return found
+
+
+def remove_sockets(settings: Settings) -> None:
+    """Delete what :func:`socket_paths` finds: call it only once this object store has
+    stopped, since a socket named for its ports can belong to nothing else."""
+    for path in socket_paths(settings):
+        path.unlink(missing_ok=True)
+
+
 def env(credentials: S3Credentials) -> dict[str, str]:
     """SeaweedFS takes its S3 identity from the AWS variables of its environment."""
     return {"AWS_ACCESS_KEY_ID": credentials.access_key_id, "AWS_SECRET_ACCESS_KEY": credentials.secret_access_key}
@@ -90,9 +124,8 @@ def start_embedded(settings: Settings, log_path: Path | None = None):
     """Start ``weed mini`` as ``radstream up`` does and wait until its buckets answer.
 
     For tools and tests that need the object store without the whole runtime. Returns
-    the process; stop it with :func:`radstream.procs.stop`.
+    the process; stop it with :func:`stop_embedded`.
     """
-    import os
     import time
 
     from radstream import procs
@@ -112,5 +145,15 @@ def start_embedded(settings: Settings, log_path: Path | None = None):
                     raise
                 time.sleep(0.2)
     except BaseException:
-        procs.stop(proc, 1)
+        stop_embedded(proc, settings, 1)
         raise
+
+
+def stop_embedded(proc, settings: Settings, grace_s: float = 5.0) -> int | None:
+    """Stop what :func:`start_embedded` started, and remove the sockets it leaves behind."""
+    from radstream import procs
+
+    try:
+        return procs.stop(proc, grace_s)
+    finally:
+        remove_sockets(settings)

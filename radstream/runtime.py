@@ -222,6 +222,7 @@ def objectstore_spec(settings: Settings) -> ChildSpec | None:
         argv=objectstore.argv(settings),
         env=objectstore.env(credentials),
         ready=ensure_buckets,
+        reset=lambda: objectstore.remove_sockets(settings),
         ports=claims,
         summary=f"{settings.s3_endpoint}  (embedded SeaweedFS, bucket {settings.blobs.bucket}, "
                 f"credentials {credentials_file(settings)})",

@@ -70,13 +70,13 @@ def durable_settings(settings: Settings) -> Settings:
 @pytest.fixture
 def objectstore(durable_settings: Settings, tmp_path: Path) -> Iterator[Settings]:
     """A real SeaweedFS (``weed mini``) with the radstream buckets, as ``radstream up`` runs it."""
-    from radstream.objectstore import start_embedded
+    from radstream.objectstore import start_embedded, stop_embedded
 
     proc = start_embedded(durable_settings, tmp_path / "seaweedfs.log")
     try:
         yield durable_settings
     finally:
-        procs.stop(proc, grace_s=5)
+        stop_embedded(proc, durable_settings)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -123,3 +123,34 @@ def test_blobs_are_stored_lz4_framed_where_it_pays_and_read_back_as_sent(objects
     raw = bytes(obstore.get(store._objects, KEY).bytes())
     assert len(raw) < 0.6 * len(slice_), "compressed before it is encrypted (ciphertext does not compress)"
     assert sealed.get(ref.uri) == slice_
+
+
+def test_stopping_the_embedded_store_removes_the_unix_sockets_it_leaves_in_tmp(durable_settings: Settings,
+                                                                              tmp_path) -> None:
+    """weed mini makes seaweedfs-<server>-<port>.sock in /tmp and leaves them when it stops:
+    without clean-up, every test run and every `radstream up` left a handful there for good."""
+    import socket
+
+    from radstream.objectstore import socket_paths, start_embedded, stop_embedded
+    from radstream.runtime import objectstore_spec
+
+    proc = start_embedded(durable_settings, tmp_path / "seaweedfs.log")
+    try:
+        while_running = socket_paths(durable_settings)
+        assert len(while_running) >= 3, while_running  # S3, filer and the gRPC servers at least
+    finally:
+        stop_embedded(proc, durable_settings)
+    assert socket_paths(durable_settings) == []
+    assert not any(path.exists() for path in while_running)
+
+    # radstream up: the supervisor runs the child's reset after the final stop (and before a restart)
+    spec = objectstore_spec(durable_settings)
+    assert spec is not None and spec.reset is not None
+    stale = socket.socket(socket.AF_UNIX)
+    try:
+        stale.bind(str(while_running[0]))
+        assert socket_paths(durable_settings) == [while_running[0]]
+        spec.reset()
+        assert socket_paths(durable_settings) == []
+    finally:
+        stale.close()
