@@ -147,6 +147,24 @@ per produce). Still to take: pynetdicom builds and encodes each C-STORE-RSP as a
 data set (~0.4-0.7 ms a slice) and turns each request's command set into a primitive
 through validating setters (~0.3 ms).
 
+Sixth pass, 2026-12-07 (14:00-14:25): where SeaweedFS's CPU goes, and what radstream can
+change of it. Go pprof of ``weed mini -debug`` for 9 s of a 600-slice, 4-association send
+(55.4 inst/s; weed 14.6, gateway 11.7, broker 3.2, worker 2.4 CPU ms per instance), by
+what each sample was doing: the filer's gRPC server 16.4 % (ObjectTransaction, the entry
+of each PUT, 7.9; ListEntries, behind Tansu's LISTs, 6.7) and gRPC transport 12.6, so
+~29 % is the S3 server talking to its own filer; MD5 of bodies 14.0 (each PUT's body is
+hashed four times: twice while it is read, once per chunk, once more by the volume
+server); GC and allocation 13.2; other HTTP reading and writing 14.0; the volume server's
+write 7.3; the S3 PUT and LIST handlers 11.8, and their middleware (auth, routing, CORS)
+4.6. None of that is tunable from outside: ``GOGC=400`` and ``-filer.saveToFilerLimit=65536``
+(small objects inside the filer's store) were measured within noise (2 rounds each). What
+radstream decides is the number of requests and bytes: per instance while sending, 1 blob
+PUT (~268 kB after LZ4), 2.15 Tansu PUTs (batch object and watermark per produce), 0.86
+GETs and 0.35 LISTs (the stream workers' fetches; Tansu answers a fetch that found records
+only at the end of its wait, so fetches, not instances, set that rate) and ~15 filer-store
+operations. Idle, the runtime's consumers cost 9 conditional GETs and 2 PUTs a second
+(0.04 cores of weed, 0.05 of Tansu).
+
 Profilers: Go pprof from ``weed mini -debug`` (18 s from the first send); ``py-spy record
 --gil --nonblocking`` on the gateway and the worker during the 4-association send and its
 settle (``--py-spy DIR``), so C work done without the GIL (hashing, sockets, librdkafka) is
