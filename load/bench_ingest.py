@@ -163,7 +163,15 @@ PUT (~268 kB after LZ4), 2.15 Tansu PUTs (batch object and watermark per produce
 GETs and 0.35 LISTs (the stream workers' fetches; Tansu answers a fetch that found records
 only at the end of its wait, so fetches, not instances, set that rate) and ~15 filer-store
 operations. Idle, the runtime's consumers cost 9 conditional GETs and 2 PUTs a second
-(0.04 cores of weed, 0.05 of Tansu).
+(0.04 cores of weed, 0.05 of Tansu). Of the produce requests while sending 300 slices,
+184 were the gateway's ``instance.received`` batches (1.6 events each) and 122 the
+worker's two assembly changelogs; Faust's ``PRODUCER_LINGER=0.05`` halves the latter (61),
+worth ~0.4 PUTs per instance, not measured as a rate. Measured and not kept: two gateway
+processes sharing the port (``SO_REUSEPORT``, the issue's first direction), 3 alternating
+rounds: 47.8 against 54.6 inst/s (means). The two gateways' CPU together was 12.2 ms per
+instance against one's 12.0, so the GIL was not costing CPU; weed rose from 13.7 to 18.1
+and Tansu from 2.8 to 3.8, because two publishers split the group commit into more
+produce requests. Several gateway processes would need one publisher between them.
 
 Profilers: Go pprof from ``weed mini -debug`` (18 s from the first send); ``py-spy record
 --gil --nonblocking`` on the gateway and the worker during the 4-association send and its
