@@ -45,6 +45,7 @@ from pynetdicom import (
     AllStoragePresentationContexts,
     evt,
 )
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -318,6 +319,10 @@ async def _listening(settings: Settings, publisher: EventPublisher) -> AsyncIter
 def _prepare(settings: Settings) -> None:
     if settings.log_level != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        # pynetdicom's standard handlers of every PDU and DIMSE message only log, at INFO and
+        # DEBUG, which the line above drops; unbound, they stop formatting those lines and
+        # copying each C-STORE's data set to see whether it is empty.
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom.dul").addFilter(PeerGoneIsInfo())
     try:
         tls_context(settings)  # unreadable certificate or key: one line, exit 2, like a bad setting

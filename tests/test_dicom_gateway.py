@@ -226,6 +226,29 @@ def test_storescu_folder_of_real_instances_becomes_one_event_and_one_blob_each(g
             == originals[ct.sop_instance_uid].pixel_array).all()
 
 
+def test_the_gateway_process_unbinds_pynetdicom_s_logging_handlers_unless_debugging(settings: Settings,
+                                                                                     monkeypatch) -> None:
+    """pynetdicom's standard handlers format a log line for every PDU and DIMSE message (and
+    copy each C-STORE's data set to see that it is not empty) at INFO and DEBUG, which the
+    gateway's pynetdicom logger drops unless radstream logs at DEBUG."""
+    import logging
+
+    from gateways.dicom_scp import _prepare
+
+    pynetdicom_log, dul_log = logging.getLogger("pynetdicom"), logging.getLogger("pynetdicom.dul")
+    level, filters = pynetdicom_log.level, list(dul_log.filters)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    try:
+        _prepare(settings.model_copy(update={"log_level": "DEBUG"}))
+        assert _config.LOG_HANDLER_LEVEL == "standard"
+        _prepare(settings.model_copy(update={"log_level": "INFO"}))
+        assert _config.LOG_HANDLER_LEVEL == "none"
+        assert pynetdicom_log.level == logging.WARNING
+    finally:
+        pynetdicom_log.setLevel(level)
+        dul_log.filters[:] = filters
+
+
 def test_echoscu_against_the_gateway_process_then_sigterm_stops_it_cleanly(broker: Settings,
                                                                            tmp_path: Path) -> None:
     env = {**os.environ, **broker.to_env()}
