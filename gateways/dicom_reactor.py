@@ -31,6 +31,13 @@ three other associations' threads wanted it. :func:`read_exactly` reads into one
 with ``recv_into`` for as much as the socket holds. The buffer grows with what arrives,
 never to a PDU length the peer merely declared (up to 4 GiB when, as here, the
 maximum PDU size is unlimited).
+
+And it encodes each plain C-STORE-RSP directly (:func:`gateways.dicom_wire.encode_c_store_rsp`):
+pynetdicom builds the response's command set as a pydicom data set, encodes it twice (once
+for its group length) and cuts it into fragments, ~0.8 ms per response on the 2-core dev
+machine for ~150 bytes. Responses with optional status elements (a failure's Error Comment
+or Offending Element), responses some handler watches (``EVT_DIMSE_SENT``, bound when
+pynetdicom logs at DEBUG) and every other message still go pynetdicom's way.
 """
 
 from __future__ import annotations
@@ -219,6 +226,7 @@ def install() -> None:
             dimse_init(self, assoc)
             self.msg_queue = _swap(self.msg_queue, _association_event(assoc).set)
 
+        dimse.DIMSEServiceProvider.send_msg = _direct_store_responses(dimse.DIMSEServiceProvider.send_msg)
         dul.DULServiceProvider.__init__ = dul_init_waking
         dul.DULServiceProvider.run_reactor = run_reactor_closing
         dimse.DIMSEServiceProvider.__init__ = dimse_init_waking
@@ -226,3 +234,32 @@ def install() -> None:
         association.time = _ReactorTime("_run_reactor", _assoc_wait)
         transport.AssociationSocket.recv = _association_socket_recv
         _installed = True
+
+
+def _direct_store_responses(send_msg: Callable[..., None]) -> Callable[..., None]:
+    """``DIMSEServiceProvider.send_msg``, sending a plain C-STORE-RSP as one P-DATA it encodes itself."""
+    from pynetdicom import evt
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from gateways.dicom_wire import encode_c_store_rsp
+
+    def send(self: Any, primitive: Any, context_id: int) -> None:
+        if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
+                and primitive.Status is not None and primitive.AffectedSOPClassUID
+                and primitive.AffectedSOPInstanceUID and primitive.OffendingElement is None
+                and primitive.ErrorComment is None and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            try:
+                command = encode_c_store_rsp(primitive.MessageIDBeingRespondedTo, str(primitive.AffectedSOPClassUID),
+                                             str(primitive.AffectedSOPInstanceUID), primitive.Status)
+            except ValueError:
+                command = b""
+            limit = self.maximum_pdu_size
+            if command and (not limit or len(command) <= limit - 6):  # one PDV: its 6-byte header (PS3.8 9.3.5.1)
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # last command fragment
+                self.dul.send_pdu(pdata)
+                return
+        send_msg(self, primitive, context_id)
+
+    return send

@@ -12,7 +12,8 @@ each element once, so two StudyInstanceUIDs cannot be filed under one); it retur
 (retired) and Deflated Explicit VR Little Endian (PS3.5 A.5); every compressed syntax
 is explicit VR Little Endian with encapsulated pixel data. Values are only skipped,
 never parsed, so the cost is one pass over the element headers. :func:`encode_file_meta`
-is the one writer here: the PS3.10 file meta a gateway puts before each data set it stores.
+and :func:`encode_c_store_rsp` are the writers here: the PS3.10 file meta a gateway puts
+before each data set it stores, and the command set of the response it answers with.
 """
 
 from __future__ import annotations
@@ -86,6 +87,39 @@ def _element(element: int, vr: bytes, value: str | bytes) -> bytes:
     if len(value) > 0xFFFF:
         raise ValueError(f"(0002,{element:04X}) of {len(value)} bytes does not fit its 2-byte length")
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+#: PS3.7 E.1: a C-STORE-RSP's Command Field, and Command Data Set Type "no data set".
+_C_STORE_RSP, _NO_DATA_SET = 0x8001, 0x0101
+
+
+def encode_c_store_rsp(message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int) -> bytes:
+    """The command set of a C-STORE-RSP without optional status elements (PS3.7 9.3.1.2):
+    Implicit VR Little Endian (PS3.7 6.3.1), group length first, UIDs padded with NUL --
+    the bytes pynetdicom writes for the same values, without building a data set for them,
+    which cost it ~0.8 ms per response here.
+
+    Raises ``ValueError`` for a UID that is not ASCII or is too long, or a number that
+    is not an unsigned short.
+    """
+    def uid(element: int, value: str) -> bytes:
+        encoded = value.encode("ascii")
+        if len(encoded) > 64:
+            raise ValueError(f"(0000,{element:04X}) {value!r} is longer than a UID may be")
+        if len(encoded) % 2:
+            encoded += b"\0"
+        return struct.pack("<HHI", 0x0000, element, len(encoded)) + encoded
+
+    def us(element: int, value: int) -> bytes:
+        return struct.pack("<HHIH", 0x0000, element, 2, value)
+
+    if not (0 <= message_id <= 0xFFFF and 0 <= status <= 0xFFFF):
+        raise ValueError(f"message ID {message_id} or status {status} is not an unsigned short")
+    body = b"".join((
+        uid(0x0002, sop_class_uid), us(0x0100, _C_STORE_RSP), us(0x0120, message_id),
+        us(0x0800, _NO_DATA_SET), us(0x0900, status), uid(0x1000, sop_instance_uid),
+    ))
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
 
 
 def data_set_offset(part10: bytes) -> int:

@@ -1,5 +1,6 @@
 """pynetdicom's reactors, made event-driven by :mod:`gateways.dicom_reactor`: they still
-answer, release and abort, and an idle association no longer wakes them every millisecond."""
+answer, release and abort, an idle association no longer wakes them every millisecond, and a
+plain C-STORE-RSP is the same bytes encoded directly."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from gateways import dicom_reactor
+from gateways.dicom_wire import encode_c_store_rsp
 from radstream import procs
 
 
@@ -180,3 +184,109 @@ def test_a_declared_length_is_not_allocated_before_its_bytes_arrive() -> None:
         ours.close()
     assert bytes(data) == b"0123456789"
     assert peak < 2 * dicom_reactor.FIRST_READ_BYTES, peak
+
+
+# ---------------------------------------------------------------- C-STORE-RSP encoded directly
+
+_UIDS = st.from_regex(r"[1-9][0-9]{0,5}(\.(0|[1-9][0-9]{0,5})){1,12}", fullmatch=True).filter(lambda u: len(u) <= 64)
+
+
+def _pynetdicom_rsp_command(message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = message_id, status
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = sop_class, sop_instance
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    [pdata] = message.encode_msg(1, 0)
+    [(context_id, pdv)] = pdata.presentation_data_value_list
+    assert context_id == 1 and pdv[:1] == b"\x03"  # the whole command set, last fragment
+    return pdv[1:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(message_id=st.integers(0, 0xFFFF), sop_class=_UIDS, sop_instance=_UIDS, status=st.integers(0, 0xFFFF))
+def test_a_c_store_rsp_is_encoded_as_pynetdicom_encodes_it(message_id, sop_class, sop_instance, status) -> None:
+    assert (encode_c_store_rsp(message_id, sop_class, sop_instance, status)
+            == _pynetdicom_rsp_command(message_id, sop_class, sop_instance, status))
+
+
+@pytest.mark.parametrize("args", [
+    (1, "1.2.840.10008.5.1.4.1.1.2", "1.2." + "3" * 63, 0),  # a UID of 65 characters
+    (1, "1.2.840.10008.5.1.4.1.1.2", "1.2.3\u00e9", 0),  # not ASCII
+    (0x10000, "1.2", "1.2.3", 0),
+    (1, "1.2", "1.2.3", -1),
+])
+def test_what_a_c_store_rsp_cannot_hold_is_refused(args) -> None:
+    with pytest.raises(ValueError):
+        encode_c_store_rsp(*args)
+
+
+def _count_encodings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the DIMSE messages pynetdicom's own encoder encodes, from now on."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    encoded: list[str] = []
+    original = DIMSEMessage.encode_msg
+
+    def counted(self, *args, **kwargs):
+        encoded.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DIMSEMessage, "encode_msg", counted)
+    return encoded
+
+
+def test_a_plain_response_skips_pynetdicom_s_encoder_and_one_with_an_error_comment_uses_it(monkeypatch) -> None:
+    from pydicom.dataset import Dataset
+
+    from pynetdicom import _config
+
+    dicom_reactor.install()
+    # as in the gateway process unless it logs at DEBUG: nothing watches the messages sent
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+    encoded = _count_encodings(monkeypatch)
+    answers = iter([0x0000, 0xB007])
+
+    def on_store(event):
+        status = next(answers, None)
+        if status is not None:
+            return status
+        refusal = Dataset()
+        refusal.Status, refusal.ErrorComment = 0xA700, "no room"
+        return refusal
+
+    ae = AE("REACTOR_SCP")
+    ae.add_supported_context(CTImageStorage)
+    port = procs.free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        scu = AE("REACTOR_SCU")
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate("127.0.0.1", port, ae_title="REACTOR_SCP")
+        assert assoc.is_established
+        dataset = dcmread(get_testdata_file("CT_small.dcm"))
+        plain, warning, refused = (assoc.send_c_store(dataset) for _ in range(3))
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert plain.Status == 0x0000 and warning.Status == 0xB007
+    assert refused.Status == 0xA700 and refused.ErrorComment == "no room"
+    # the SCU's three requests, and of the responses only the refusal's, went through pynetdicom's encoder
+    assert sorted(encoded) == ["C_STORE_RQ", "C_STORE_RQ", "C_STORE_RQ", "C_STORE_RSP"]
+
+
+def test_a_response_someone_watches_goes_pynetdicom_s_way(scp, monkeypatch) -> None:
+    """With pynetdicom's standard handlers bound (the gateway logging at DEBUG), EVT_DIMSE_SENT
+    hands them the message object, so it is built and encoded as pynetdicom always has."""
+    port, stored = scp
+    encoded = _count_encodings(monkeypatch)
+    scu = AE("REACTOR_SCU")
+    scu.add_requested_context(CTImageStorage)
+    assoc = scu.associate("127.0.0.1", port, ae_title="REACTOR_SCP")
+    assert assoc.is_established
+    assert assoc.send_c_store(dcmread(get_testdata_file("CT_small.dcm"))).Status == 0x0000
+    assoc.release()
+    assert sorted(encoded) == ["C_STORE_RQ", "C_STORE_RSP"] and len(stored) == 1
