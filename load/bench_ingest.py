@@ -144,8 +144,8 @@ for weed with one Tokio worker for Tansu (weed 10.4 vs 11.0 ms per instance, but
 inst/s: one Go thread serialises the store); librdkafka's one request in flight instead
 of the lingering group producer (63.7 vs 66.2 inst/s, weed 13.2 vs 10.8 ms: fewer events
 per produce). Still to take: pynetdicom builds and encodes each C-STORE-RSP as a pydicom
-data set (~0.4-0.7 ms a slice) and turns each request's command set into a primitive
-through validating setters (~0.3 ms).
+data set (~0.4-0.7 ms a slice; taken in the sixth pass) and turns each request's command
+set into a primitive through validating setters (~0.3 ms).
 
 Sixth pass, 2026-12-07 (14:00-14:25): where SeaweedFS's CPU goes, and what radstream can
 change of it. Go pprof of ``weed mini -debug`` for 9 s of a 600-slice, 4-association send
@@ -172,6 +172,15 @@ rounds: 47.8 against 54.6 inst/s (means). The two gateways' CPU together was 12.
 instance against one's 12.0, so the GIL was not costing CPU; weed rose from 13.7 to 18.1
 and Tansu from 2.8 to 3.8, because two publishers split the group commit into more
 produce requests. Several gateway processes would need one publisher between them.
+Kept: each plain C-STORE-RSP is encoded directly (``dicom_wire.encode_c_store_rsp``, sent
+by ``dicom_reactor``) instead of as a pydicom data set encoded twice, 773 us a response
+timed alone; A/B of the 4-association send, 3 rounds: 61.0 -> 68.3 inst/s (means; runs
+57.2-67.3 against 61.2-79.7), gateway 11.3 -> 9.9 CPU ms per instance. And pynetdicom's
+standard logging handlers are unbound unless the gateway logs at DEBUG (~70 us a slice,
+within the A/B's noise). ``bench_ingest`` before and after, the machine slower all session
+than in the fifth pass (weed 17-18 CPU ms per instance against 13): 1 association 40.5 vs
+99.6 (0.41) and 39.4 vs 111.5 (0.35); 4 associations 54.3 vs 197.4 (0.28) and 54.7 vs
+201.6 (0.27).
 
 Profilers: Go pprof from ``weed mini -debug`` (18 s from the first send); ``py-spy record
 --gil --nonblocking`` on the gateway and the worker during the 4-association send and its
