@@ -82,7 +82,7 @@ by the object store, the gateway and de-identification (``load/bench_ingest.py``
 
 Re-measured 2026-12-07 later, defaults (300 s sustained, the issue's 5 minutes), one run,
 after producers stopped being idempotent and blobs went through obstore, LZ4-framed
-(``load/bench_ingest.py`` has the A/B): announced p50 / p95 / p99 0.22 / 0.26 / 0.29 s (met),
+(``load/bench_ingest.md`` has the A/B): announced p50 / p95 / p99 0.22 / 0.26 / 0.29 s (met),
 quiet period 5.28 / 5.37 / 5.39 s (met). Sustained: 427 studies, 4,289 instances acknowledged
 in 300.6 s = 5,114 studies/h (5,124/h offered, senders on plan, send failures 0), lost 0 of
 427; latency p50 / p95 / p99 3.80 / 13.13 / 20.85 s, bottleneck assembled (own p95 10.70 s),
