@@ -154,7 +154,7 @@ class Row:
 
     runner: TimedRunner
     report: RunReport
-    lost: list[str]  # acknowledged studies not complete on the worklist at the end of the wait
+    lost: list[str]  # "uid: why", each acknowledged study not complete on the worklist at the end of the wait
     routed: dict[str, float]  # study UID -> first routed, epoch seconds
     times: dict[str, dict[str, tuple[float, float]]]
 
@@ -181,7 +181,7 @@ def collect(settings: Settings, runner: TimedRunner, report: RunReport, wait_tim
     arrivals = await_pipeline(settings, report, wait_timeout_s)
     times = stage_times(settings, list(arrivals))
     routed = {uid: stages["routed"][1] for uid, stages in times.items() if "routed" in stages}
-    lost = [uid for uid, arrival in arrivals.items() if arrival.missing is not None]
+    lost = [f"{uid}: {arrival.missing}" for uid, arrival in arrivals.items() if arrival.missing is not None]
     return Row(runner, report, lost, routed, times)
 
 
