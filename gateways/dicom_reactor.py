@@ -244,11 +244,14 @@ def _direct_store_responses(send_msg: Callable[..., None]) -> Callable[..., None
 
     from gateways.dicom_wire import encode_c_store_rsp
 
+    # the status elements a response may carry (PS3.7 9.1.1.1.9), which the direct encoding leaves out
+    optional = C_STORE.STATUS_OPTIONAL_KEYWORDS
+
     def send(self: Any, primitive: Any, context_id: int) -> None:
         if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
                 and primitive.Status is not None and primitive.AffectedSOPClassUID
-                and primitive.AffectedSOPInstanceUID and primitive.OffendingElement is None
-                and primitive.ErrorComment is None and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+                and primitive.AffectedSOPInstanceUID and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+                and all(getattr(primitive, keyword) is None for keyword in optional)):
             try:
                 command = encode_c_store_rsp(primitive.MessageIDBeingRespondedTo, str(primitive.AffectedSOPClassUID),
                                              str(primitive.AffectedSOPInstanceUID), primitive.Status)
