@@ -50,11 +50,12 @@ def apply_ddl(settings: Settings) -> None:
         admin.close()
     client = connect(settings)
     try:
-        for name, statement in ddl_statements():
+        for statement in ddl_statements():
             try:
-                client.command(statement)
+                if statement.only_if is None or client.query(statement.only_if).first_row[0]:
+                    client.command(statement.sql)
             except Exception as exc:
-                raise WarehouseError(f"applying schemas/clickhouse/{name} failed: {exc}") from None
+                raise WarehouseError(f"applying schemas/clickhouse/{statement.name} failed: {exc}") from None
     finally:
         client.close()
 

@@ -26,7 +26,7 @@ from gateways import reading_api
 from gateways.reading_access import User, Users, token_sha256
 from radstream.cli import cli
 from schemas.codec import Codec
-from schemas.events import (AlertAck, AlertTimer, AuditEvent, CodedConcept, Finding, InferenceResult, InferenceStatus,
+from schemas.events import (AlertTimer, AuditEvent, CodedConcept, Finding, InferenceResult, InferenceStatus,
                             Priority, Record, WorklistUpdate, trace_id_for, utcnow)
 from schemas.settings import Settings, load_settings
 from schemas.sql import ddl_statements, named_query
@@ -53,8 +53,8 @@ class Warehouse:
     def __init__(self, path: Path) -> None:
         self.session = chdb_session.Session(str(path))
         self.lock = threading.Lock()  # the API queries from its executor threads
-        for _, statement in ddl_statements():
-            self.session.query(statement)
+        for statement in ddl_statements():  # the backfills insert nothing into an empty warehouse
+            self.session.query(statement.sql)
 
     def write(self, *events: Record) -> None:
         for event in events:
