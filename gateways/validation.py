@@ -209,7 +209,7 @@ def instance_metadata(header: Dataset) -> dict[str, Any]:
 
 def header_text(header: Dataset, keyword: str) -> str | None:
     """A header value as clean text: padding stripped, odd character sets never fatal."""
-    raw = _plain(header, keyword, _PLAIN_TEXT_VRS)
+    raw, _ = _plain(header, keyword, _PLAIN_TEXT_VRS)
     if raw is not None and (not raw.value or _PLAIN_VALUE.fullmatch(raw.value)):
         # what pydicom's conversion gives for such a value, without it (~25 us a value)
         return (raw.value.decode("ascii").strip(" \0") or None) if raw.value else None
@@ -239,11 +239,11 @@ def pydicom_text(header: Dataset, keyword: str) -> str | None:
 
 def header_int(header: Dataset, keyword: str) -> int | None:
     """A header value as a 32-bit integer; None when absent or malformed."""
-    raw = _plain(header, keyword, _PLAIN_INT_VRS)
+    raw, vr = _plain(header, keyword, _PLAIN_INT_VRS)
     if raw is not None:
         if not raw.value:
             return None
-        if raw.VR == "US" or (raw.VR is None and dictionary_VR(raw.tag) == "US"):
+        if vr == "US":
             if len(raw.value) == 2:  # one value; pydicom decides what several, or odd bytes, are
                 return struct.unpack_from("<H" if raw.is_little_endian else ">H", raw.value)[0]
         elif _PLAIN_VALUE.fullmatch(raw.value):
@@ -281,24 +281,24 @@ _PLAIN_INT_VRS = frozenset({"IS", "US"})
 _PLAIN_VALUE = re.compile(rb"[0-9A-Z._:+\- ]*\0?")
 
 
-def _plain(header: Dataset, keyword: str, vrs: frozenset[str]) -> RawDataElement | None:
-    """The still-unconverted element ``keyword`` of ``header`` if its VR is one of ``vrs``
-    (from the stream, or the dictionary's for implicit VR); else None, and the caller
-    asks pydicom. Only for the header helpers, whose answers it does not change."""
+def _plain(header: Dataset, keyword: str, vrs: frozenset[str]) -> tuple[RawDataElement | None, str | None]:
+    """The still-unconverted element ``keyword`` of ``header`` and its VR, if that is one of
+    ``vrs`` (from the stream, or the dictionary's for implicit VR); else (None, None), and the
+    caller asks pydicom. Only for the header helpers, whose answers it does not change."""
     tag = tag_for_keyword(keyword)
     if tag is None:
-        return None
+        return None, None
     try:
         raw = header.get_item(tag)
     except Exception:
-        return None
+        return None, None
     if not isinstance(raw, RawDataElement) or not (raw.value is None or isinstance(raw.value, bytes)):
-        return None
+        return None, None
     try:
         vr = raw.VR or dictionary_VR(tag)
     except KeyError:
-        return None
-    return raw if vr in vrs else None
+        return None, None
+    return (raw, vr) if vr in vrs else (None, None)
 
 
 def _raw_value(header: Dataset, keyword: str) -> bytes | None:

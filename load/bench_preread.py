@@ -106,7 +106,7 @@ from engines import load_engine
 from engines.card import default_models_dir, load_cards
 from engines.preprocess import aggregate, preprocess_instance, select_instances
 from load.bench_ingest import cpu_seconds
-from load.services import start_services, stop_all
+from load.services import start_services
 from radstream import procs
 from schemas.codec import Codec
 from schemas.events import InstanceRef, SeriesSummary, StudyDeidentified, utcnow
@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with fresh_process() as one:
                 figures["peer"] = one.submit(bench_peer, settings, [ct_card, cr_card], studies).result()
         finally:
-            stop_all(services)
+            services.close()
     stage, peer = figures["stage"], figures["peer"]
     figures["stage"]["ratio_images_s"] = stage["images_s"] / peer["images_s"]
     figures["stage"]["ratio_studies_s"] = stage["studies_s"] / peer["studies_s"]

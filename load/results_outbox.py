@@ -20,7 +20,7 @@ from load.results_measure import DeliveryStates, Outbox, expect, log, make_resul
 from load.results_peers import (
     Documents, build_documents, instance_count, peers, pynetdicom_one_association, write_destinations,
 )
-from load.services import start_services, stop_all
+from load.services import start_services
 from radstream import procs
 from schemas.settings import load_settings
 from streams.delivery import Delivery, load_destinations
@@ -105,7 +105,7 @@ def run_outbox(args: argparse.Namespace, root: Path) -> None:
             ris.stop()
         if orthanc is not None:
             orthanc.stop()
-        stop_all(services)
+        services.close()
 
     refs = [len(r.instances) for r in ours_results]
     findings = [len(r.findings) for r in ours_results]

@@ -21,7 +21,7 @@ from schemas.topics import TopicSpec
 def start_services(settings: Settings, root: Path) -> ExitStack:
     """SeaweedFS when blobs or the broker's log live on S3, then Tansu; topics created.
 
-    Returns what stops them, in reverse order: pass it to :func:`stop_all`."""
+    Returns what stops them, in reverse order: close it (or use it as a context manager)."""
     started, env = ExitStack(), dict(os.environ)
     try:
         if settings.blobs.backend == "s3" or settings.kafka.storage.startswith("s3://"):
@@ -39,10 +39,6 @@ def start_services(settings: Settings, root: Path) -> ExitStack:
         started.close()
         raise
     return started
-
-
-def stop_all(started: ExitStack) -> None:
-    started.close()
 
 
 #: ``--broker-storage`` of the gateway benchmarks: the durable default first, the headline.
@@ -64,7 +60,7 @@ def running_gateway(settings: Settings, root: Path, module: str, port: int) -> I
     finally:
         if gateway is not None:
             procs.stop(gateway, grace_s=5)
-        stop_all(services)
+        services.close()
 
 
 def events_on_topic(settings: Settings, topic: TopicSpec, idle_s: float = 2.0) -> int:
