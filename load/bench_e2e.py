@@ -122,6 +122,7 @@ from radstream.traffic import PlanError, Spread, StudySizes, parse_mix, parse_ra
 from radstream.traffic_report import await_pipeline, spread_text, stage_latencies, stage_times
 from radstream.traffic_run import RunReport, Targets, TrafficRunner
 from radstream.traffic_studies import load_templates
+from schemas.events import trace_id_for
 from schemas.settings import Settings, load_settings
 
 #: Stages on the path from the last instance to the first worklist row (routing follows assembly).
@@ -290,6 +291,24 @@ def memory_lines(children: Sequence[str], peak: Mapping[str, float], start: Mapp
 # ---------------------------------------------------------------- the run
 
 
+def lost_evidence(log_dir: Path, study_uids: Sequence[str], per_study: int = 15, errors: int = 10) -> list[str]:
+    """What the runtime's logs say of each lost study (its UID or trace id; the last ``per_study``
+    lines), and the last ``errors`` error lines of each log: read before the data dir goes."""
+    logs = {path.stem: path.read_text(errors="replace").splitlines() for path in sorted(log_dir.glob("*.log"))}
+    lines = []
+    for uid in study_uids:
+        marks = (uid, trace_id_for(uid))
+        said = [f"    {name}: {line[:300]}" for name, text in logs.items() for line in text
+                if any(mark in line for mark in marks)]
+        lines += [f"  logs of lost {uid}: {len(said)} lines{', the last ' + str(per_study) if len(said) > per_study else ''}",
+                  *said[-per_study:]]
+    for name, text in logs.items():
+        failed = [line for line in text if "Traceback" in line or "ERROR" in line or "error" in line.split(" ", 3)[:3]]
+        if failed:
+            lines += [f"  {name} log: {len(failed)} error lines, the last:", *(f"    {line[:300]}" for line in failed[-errors:])]
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=20, help="studies per latency row (default 20)")
@@ -345,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             log("stopping radstream up ...")
             runtime.stop()
+        lost_uids = [item.split(":", 1)[0] for row in rows.values() for item in row.lost]
+        evidence = lost_evidence(settings.data_dir / "logs", lost_uids) if lost_uids else []
 
     lines = latency_line("announced", rows["announced"], 2.0, "NumberOfStudyRelatedInstances in every instance")
     lines += latency_line("quiet period", rows["quiet period"], quiet + 2.0, f"no count; quiet period {quiet:g} s")
@@ -352,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"mix {args.mix}, 90 % with an order, scale {args.scale:g}")
     lines += sustained_lines(rows["sustained"], len(sustained) * 3600 / args.duration)
     lines += memory_lines(list(children), peak, rss_start, rss_end)
-    print("\n".join(lines))
+    print("\n".join(lines + evidence))
     lost = sum(len(r.lost) for r in rows.values()) + sum(len(r.report.failures) for r in rows.values())
     return 1 if lost else 0
 

@@ -343,6 +343,38 @@ def test_blob_store_failure_answers_out_of_resources_and_is_dead_lettered(broker
         (letter,) = consume(broker, DEAD_LETTER, count=1)
         assert (letter.reason, letter.key) == ("blob_store_failed", instance.StudyInstanceUID)
         assert dcmread(io.BytesIO(letter.payload)).SOPInstanceUID == instance.SOPInstanceUID
+        assert consume(broker, INSTANCE_RECEIVED, count=1, timeout_s=2) == []  # no event names the missing blob
+    finally:
+        server.shutdown()
+        publisher.close(timeout_s=2)
+
+
+class WatchedStore(LocalBlobStore):
+    """Each put first watches the instance.received topic for a while: what a consumer could
+    read while the blob is still being stored."""
+
+    def __init__(self, root: Path, settings: Settings) -> None:
+        super().__init__(root)
+        self.settings = settings
+        self.seen_while_storing: list[Record] = []
+
+    def put(self, key: str, data: bytes):  # type: ignore[override]
+        self.seen_while_storing += consume(self.settings, INSTANCE_RECEIVED, count=1, timeout_s=2, linger_s=0)
+        return super().put(key, data)
+
+
+def test_the_event_is_published_only_once_its_blob_is_stored(broker: Settings) -> None:
+    # Assembly completes a study at its last instance and de-identification reads every blob
+    # at once: an event visible before its blob made de-identification fail "BlobNotFound".
+    store = WatchedStore(broker.blob_root, broker)
+    publisher = EventPublisher(broker)
+    server = start_gateway(broker, store, publisher)
+    try:
+        instance = with_new_uids(dcmread(sample_file("CT_small.dcm")))
+        assert c_store(broker, instance).Status == 0x0000
+        assert store.seen_while_storing == []
+        (event,) = consume(broker, INSTANCE_RECEIVED, count=1)
+        assert dcmread(io.BytesIO(store.get(event.blob_uri))).SOPInstanceUID == instance.SOPInstanceUID
     finally:
         server.shutdown()
         publisher.close(timeout_s=2)
