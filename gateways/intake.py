@@ -98,21 +98,7 @@ class InstanceIntake:
         if check is not None:
             check(uids)
         key = instance_key(uids.study_uid, uids.series_uid, uids.sop_instance_uid)
-        received.blob = blob = self.store.ref_for(key, received.data)
-        instance = InstanceReceived(
-            trace_id=trace_id_for(uids.study_uid), study_uid=uids.study_uid, series_uid=uids.series_uid,
-            sop_instance_uid=uids.sop_instance_uid, sop_class_uid=uids.sop_class_uid,
-            transfer_syntax_uid=transfer_syntax, blob_uri=blob.uri, blob_size=blob.size, blob_sha256=blob.sha256,
-            source_site=site, gateway=self.gateway, received_at=utcnow(), calling_ae=calling_ae,
-            called_ae=called_ae, **instance_metadata(header),
-        )
-        self._store_and_publish(key, received, instance)
-        slog.info("stored instance", gateway=self.gateway, trace_id=instance.trace_id, study_uid=uids.study_uid,
-                  sop_instance_uid=uids.sop_instance_uid, modality=instance.modality, calling_ae=calling_ae or None,
-                  source_site=site, bytes=blob.size)
-        return instance
-
-    def _store_and_publish(self, key: str, received: Received, instance: InstanceReceived) -> None:
+        received_at, metadata = utcnow(), instance_metadata(header)
         # The claim check first, then the event that points at it: a consumer may read the
         # event as soon as the broker has it (assembly completes a study at its last instance,
         # de-identification then reads every blob), so the blob must be there before. Success
@@ -120,18 +106,35 @@ class InstanceIntake:
         # would hide under the upload, but an event could name a blob not yet (or, if the upload
         # then failed, never) stored: measured, about one study in a run of the 4-association
         # benchmark was dead-lettered "BlobNotFound" by de-identification.
-        # Stored in this thread, not a pool's: obstore and LZ4 release the GIL, and handing
-        # each put to a pool thread cost the gateway ~5 % of its CPU in thread wake-ups.
-        # If the publish fails after the upload, the blob stays with no event: the sender is
-        # told to retry (0xA700) and its retry writes the same key. A re-sent instance (same
-        # UIDs) overwrites its own key and is published again: consumers key on
-        # sop_instance_uid, so a duplicate is idempotent.
+        received.blob = blob = self._store(key, received)
+        instance = InstanceReceived(
+            trace_id=trace_id_for(uids.study_uid), study_uid=uids.study_uid, series_uid=uids.series_uid,
+            sop_instance_uid=uids.sop_instance_uid, sop_class_uid=uids.sop_class_uid,
+            transfer_syntax_uid=transfer_syntax, blob_uri=blob.uri, blob_size=blob.size, blob_sha256=blob.sha256,
+            source_site=site, gateway=self.gateway, received_at=received_at, calling_ae=calling_ae,
+            called_ae=called_ae, **metadata,
+        )
+        self._publish(instance)
+        slog.info("stored instance", gateway=self.gateway, trace_id=instance.trace_id, study_uid=uids.study_uid,
+                  sop_instance_uid=uids.sop_instance_uid, modality=instance.modality, calling_ae=calling_ae or None,
+                  source_site=site, bytes=blob.size)
+        return instance
+
+    def _store(self, key: str, received: Received) -> BlobRef:
+        # In this thread, not a pool's: obstore and LZ4 release the GIL, and handing each put
+        # to a pool thread cost the gateway ~5 % of its CPU in thread wake-ups.
         try:
-            self.store.put(key, received.data)
+            return self.store.put(key, received.data)
         except Exception as exc:
             received.blob = None  # not stored: the dead letter must carry the bytes themselves
             raise InvalidInstance(FailureReason.OUT_OF_RESOURCES, "blob_store_failed",
                                   f"cannot store the instance: {exc}") from None
+
+    def _publish(self, instance: InstanceReceived) -> None:
+        # If the publish fails after the upload, the blob stays with no event: the sender is
+        # told to retry (0xA700) and its retry writes the same key. A re-sent instance (same
+        # UIDs) overwrites its own key and is published again: consumers key on
+        # sop_instance_uid, so a duplicate is idempotent.
         try:
             self.publisher.publish(INSTANCE_RECEIVED, instance)
         except PublishError as exc:
