@@ -110,6 +110,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import tempfile
 import time
@@ -128,6 +129,8 @@ from schemas.settings import Settings, load_settings
 #: Stages on the path from the last instance to the first worklist row (routing follows assembly).
 PATH_STAGES = ("assembled", "routed")
 SIDE_STAGES = ("deidentified", "ai")
+#: a structured log's error line, a traceback's first line, or another library's ERROR
+_ERROR_LINE = re.compile(r"\[(error|critical) *\]|^Traceback|\bERROR\b")
 
 
 class TimedRunner(TrafficRunner):
@@ -303,7 +306,7 @@ def lost_evidence(log_dir: Path, study_uids: Sequence[str], per_study: int = 15,
         lines += [f"  logs of lost {uid}: {len(said)} lines{', the last ' + str(per_study) if len(said) > per_study else ''}",
                   *said[-per_study:]]
     for name, text in logs.items():
-        failed = [line for line in text if "Traceback" in line or "ERROR" in line or "error" in line.split(" ", 3)[:3]]
+        failed = [line for line in text if _ERROR_LINE.search(line)]
         if failed:
             lines += [f"  {name} log: {len(failed)} error lines, the last:", *(f"    {line[:300]}" for line in failed[-errors:])]
     return lines

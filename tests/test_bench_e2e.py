@@ -44,3 +44,25 @@ def test_three_rows_with_targets_nothing_lost_and_memory_per_child(durable_setti
     for child in ("worker", "dicom-gateway", "objectstore", "broker", "warehouse", "all"):
         assert re.search(rf"^  memory {child}\s+peak\s+{NUMBER}\s+rss\s+{NUMBER} ->\s+{NUMBER} \([+-]{NUMBER}\)$",
                          out, re.MULTILINE), (child, out)
+
+
+def test_a_lost_study_is_shown_with_what_the_runtime_logged_of_it(tmp_path) -> None:
+    from load.bench_e2e import lost_evidence
+    from schemas.events import trace_id_for
+
+    uid = "1.2.3.4"
+    (tmp_path / "worker.log").write_text(
+        f"t1 [info     ] study assembled [radstream.assemble] trace_id={trace_id_for(uid)}\n"
+        "t2 [info     ] another study [radstream.assemble] trace_id=other\n"
+        f"t3 [error    ] stage failed [radstream.streams] stage=deidentify trace_id={trace_id_for(uid)}\n"
+        "Traceback (most recent call last):\n")
+    (tmp_path / "dicom-gateway.log").write_text(f"t0 [info     ] stored instance study_uid={uid}\n")
+    lines = lost_evidence(tmp_path, [uid])
+    assert lines[:4] == [f"  logs of lost {uid}: 3 lines",
+                         f"    dicom-gateway: t0 [info     ] stored instance study_uid={uid}",
+                         f"    worker: t1 [info     ] study assembled [radstream.assemble] trace_id={trace_id_for(uid)}",
+                         f"    worker: t3 [error    ] stage failed [radstream.streams] stage=deidentify "
+                         f"trace_id={trace_id_for(uid)}"]
+    assert lines[4:] == ["  worker log: 2 error lines, the last:",
+                         f"    t3 [error    ] stage failed [radstream.streams] stage=deidentify "
+                         f"trace_id={trace_id_for(uid)}", "    Traceback (most recent call last):"]
