@@ -48,7 +48,7 @@ class Received:
     study_uid: str | None = None  # once read and valid: the refusal's key and trace id
     sop_class_uid: str | None = None  # as sent, for the protocol's answer
     sop_instance_uid: str | None = None
-    blob: BlobRef | None = None  # the claim check, while the instance is (being) stored
+    blob: BlobRef | None = None  # the claim check, once the instance is stored
 
     def note(self, header: Dataset) -> None:
         """Remember the header's UIDs as sent, before they are validated."""
@@ -125,8 +125,7 @@ class InstanceIntake:
         # to a pool thread cost the gateway ~5 % of its CPU in thread wake-ups.
         try:
             return self.store.put(key, received.data)
-        except Exception as exc:
-            received.blob = None  # not stored: the dead letter must carry the bytes themselves
+        except Exception as exc:  # received.blob stays None: the dead letter carries the bytes themselves
             raise InvalidInstance(FailureReason.OUT_OF_RESOURCES, "blob_store_failed",
                                   f"cannot store the instance: {exc}") from None
 

@@ -158,7 +158,7 @@ class Row:
 
     runner: TimedRunner
     report: RunReport
-    lost: list[str]  # "uid: why", each acknowledged study not complete on the worklist at the end of the wait
+    lost: dict[str, str]  # study UID -> why: each acknowledged study not complete on the worklist after the wait
     routed: dict[str, float]  # study UID -> first routed, epoch seconds
     times: dict[str, dict[str, tuple[float, float]]]
 
@@ -185,7 +185,7 @@ def collect(settings: Settings, runner: TimedRunner, report: RunReport, wait_tim
     arrivals = await_pipeline(settings, report, wait_timeout_s)
     times = stage_times(settings, list(arrivals))
     routed = {uid: stages["routed"][1] for uid, stages in times.items() if "routed" in stages}
-    lost = [f"{uid}: {arrival.missing}" for uid, arrival in arrivals.items() if arrival.missing is not None]
+    lost = {uid: arrival.missing for uid, arrival in arrivals.items() if arrival.missing is not None}
     return Row(runner, report, lost, routed, times)
 
 
@@ -228,7 +228,7 @@ def latency_line(name: str, row: Row, target_s: float | None, what: str) -> list
         target = f"target p99 <= {target_s:.1f} s: {'met' if met else 'MISSED'}"
     return [f"{name}: {spread.count} studies ({what}), last C-STORE response -> routed {spread_text(spread)}; "
             f"{target}; lost {len(row.lost)} of {acked}",
-            bottleneck_line(row)] + [f"  lost: {uid}" for uid in row.lost]
+            bottleneck_line(row)] + [f"  lost: {uid}: {why}" for uid, why in row.lost.items()]
 
 
 def bottleneck_line(row: Row) -> str:
@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             log("stopping radstream up ...")
             runtime.stop()
-        lost_uids = [item.split(":", 1)[0] for row in rows.values() for item in row.lost]
+        lost_uids = [uid for row in rows.values() for uid in row.lost]
         evidence = lost_evidence(settings.data_dir / "logs", lost_uids) if lost_uids else []
 
     lines = latency_line("announced", rows["announced"], 2.0, "NumberOfStudyRelatedInstances in every instance")

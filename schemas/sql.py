@@ -61,20 +61,20 @@ def ddl_statements(directory: Traversable | None = None) -> list[DdlStatement]:
         if not directives:
             statements.append(DdlStatement(name, text))
             continue
-        statements.append(_backfill(name, text, directives, {n: t for n, t in texts.items() if n < name}))
+        statements.append(_backfill(name, text, directives, texts))
     return statements
 
 
-def _backfill(name: str, text: str, directives: dict[str, str], earlier: dict[str, str]) -> DdlStatement:
+def _backfill(name: str, text: str, directives: dict[str, str], texts: dict[str, str]) -> DdlStatement:
     where = f"schemas/clickhouse/{name}"
     if any(line.strip() and not line.startswith("--") for line in text.splitlines()):
         raise DdlError(f"{where}: a backfill file holds only comments and its two directives")
     view_file, only_if = directives.get("backfill"), directives.get("only if")
     if not view_file or not only_if:
         raise DdlError(f"{where}: a backfill needs both '-- backfill: <view file>' and '-- only if: <SELECT>'")
-    if view_file not in earlier:
+    if view_file not in texts or view_file >= name:
         raise DdlError(f"{where}: backfill: {view_file!r} is not a DDL file applied before it")
-    view = _VIEW.search(earlier[view_file])
+    view = _VIEW.search(texts[view_file])
     if view is None:
         raise DdlError(f"{where}: backfill: {view_file} creates no 'MATERIALIZED VIEW IF NOT EXISTS ... TO table AS'")
     return DdlStatement(name, f"INSERT INTO {view['table']}\n{view['select']}", only_if)
