@@ -68,7 +68,7 @@ from gateways.dicom_wire import encode_file_meta
 from gateways.intake import InstanceIntake, Received
 from gateways.publisher import EventPublisher
 from gateways.serving import GatewayProcess, run
-from gateways.validation import FailureReason, InstanceUids, InvalidInstance, check_encoding
+from gateways.validation import FailureReason, InstanceUids, InvalidInstance, check_encoding, walked_header
 from schemas.blobs import BlobStore
 from schemas.settings import Settings, SettingsError
 
@@ -135,29 +135,40 @@ def handle_store(event: evt.Event, intake: InstanceIntake, sites: SitePolicy | N
 def _receive(event: evt.Event, intake: InstanceIntake, received: Received, sites: SitePolicy | None) -> None:
     """Read the data set as sent, check it is whole and the announced instance, and take it in."""
     calling_ae = calling_ae_of(event)
+    transfer_syntax = str(event.context.transfer_syntax)
+    received.data = _encoded_instance(event, calling_ae)
     try:
-        received.data = _encoded_instance(event, calling_ae)
-        header = dcmread(BytesIO(received.data), stop_before_pixels=True)
-    except Exception as exc:
-        # A cut-short data set (e.g. a truncated deflate stream) says so; anything else is noise.
-        raise _incompleteness(event) or InvalidInstance(
-            FailureReason.CANNOT_UNDERSTAND, "undecodable", f"cannot parse the data set: {exc}") from None
+        # The walk over every encoded element (a cut-short data set is called that before its
+        # UIDs are judged) also gives the header, read without parsing the bytes again.
+        shape = check_encoding(received.data, transfer_syntax, header=True)
+    except InvalidInstance:
+        _note_readable_header(received)  # so the refusal is keyed and traced by study, if it can be
+        raise
+    header = walked_header(shape) or _read_header(received)
     received.note(header)  # so a refusal below is keyed and traced by study
     _check_context(event)
-    # pydicom reads a cut-short value as a shorter one: the intake checks every declared length.
     site = (sites.site_for(calling_ae) if sites else "") or calling_ae or "UNKNOWN"
-    intake.receive(received, site, header=header, transfer_syntax=str(event.context.transfer_syntax),
+    intake.receive(received, site, header=header, transfer_syntax=transfer_syntax, shape=shape,
                    calling_ae=calling_ae, called_ae=_called_ae(event),
                    check=lambda uids: _check_announced(uids, event.request))
 
 
-def _incompleteness(event: evt.Event) -> InvalidInstance | None:
-    """The refusal of a data set that is cut short, not DICOM at all or holds a tag twice, else None."""
+def _read_header(received: Received) -> Dataset:
+    """The header by pydicom's own reading, for a whole data set :func:`walked_header` leaves to it."""
     try:
-        check_encoding(event.request.DataSet.getvalue(), str(event.context.transfer_syntax))
-    except InvalidInstance as exc:
-        return exc
-    return None
+        return dcmread(BytesIO(received.data), stop_before_pixels=True)
+    except Exception as exc:
+        raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "undecodable",
+                              f"cannot parse the data set: {exc}") from None
+
+
+def _note_readable_header(received: Received) -> None:
+    """Note the UIDs of a data set the walk refused, as far as pydicom reads them (it reads a
+    cut-short value as a shorter one); nothing if it cannot."""
+    try:
+        received.note(dcmread(BytesIO(received.data), stop_before_pixels=True))
+    except Exception:
+        pass
 
 
 def _check_context(event: evt.Event) -> None:

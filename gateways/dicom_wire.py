@@ -11,7 +11,10 @@ each element once, so two StudyInstanceUIDs cannot be filed under one); it retur
 :class:`DataSetShape` the pixel checks need. It handles implicit and explicit VR Little Endian, Explicit VR Big Endian
 (retired) and Deflated Explicit VR Little Endian (PS3.5 A.5); every compressed syntax
 is explicit VR Little Endian with encapsulated pixel data. Values are only skipped,
-never parsed, so the cost is one pass over the element headers. :func:`encode_file_meta`
+never parsed, so the cost is one pass over the element headers. Asked to, the walk also
+keeps where each top-level element before the pixel data lies, from which the gateway
+reads the header (:func:`gateways.validation.walked_header`) instead of parsing the data
+set a second time with pydicom. :func:`encode_file_meta`
 and :func:`encode_c_store_rsp` are the writers here: the PS3.10 file meta a gateway puts
 before each data set it stores, and the command set of the response it answers with.
 """
@@ -37,13 +40,28 @@ PIXEL_DATA = 0x7FE00010
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, PIXEL_DATA})  # float, double float, pixel data
 
 
+#: One top-level element as the walk found it: (tag, VR (None when implicit), declared
+#: length, offset of its header, of its value, and just after its value, delimiter included).
+WalkedElement = tuple[int, "str | None", int, int, int, int]
+
+
 @dataclass(frozen=True)
 class DataSetShape:
     """What the walk learnt: the top-level Pixel Data value length (None: absent or
-    encapsulated), and whether any pixel data element (7FE0,0008/0009/0010) is there."""
+    encapsulated), and whether any pixel data element (7FE0,0008/0009/0010) is there.
+
+    With ``header=True`` it also keeps where each top-level element before the pixel data
+    lies in ``walked`` (the data set's bytes, inflated if they were deflated), read in
+    ``implicit`` VR and ``little`` endian, so the header can be read without a second parse
+    (:func:`gateways.validation.walked_header`).
+    """
 
     pixel_data_length: int | None = None
     has_pixel_data: bool = False
+    header: tuple[WalkedElement, ...] = ()
+    walked: bytes = b""
+    implicit: bool = False
+    little: bool = True
 
 
 class IncompleteDataSet(ValueError):
@@ -136,10 +154,11 @@ def data_set_offset(part10: bytes) -> int:
     return min(offset, len(part10))
 
 
-def check_complete(encoded: bytes, transfer_syntax_uid: str) -> DataSetShape:
+def check_complete(encoded: bytes, transfer_syntax_uid: str, *, header: bool = False) -> DataSetShape:
     """Raise :class:`IncompleteDataSet` unless ``encoded`` (a data set without file meta,
     in ``transfer_syntax_uid``) holds every element it declares in full, and
-    :class:`DuplicateElement` if one of its data sets holds a tag twice."""
+    :class:`DuplicateElement` if one of its data sets holds a tag twice. ``header``: keep
+    the top-level elements before the pixel data in the shape."""
     transfer_syntax_uid = str(transfer_syntax_uid).strip("\0 ")
     if transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -150,7 +169,7 @@ def check_complete(encoded: bytes, transfer_syntax_uid: str) -> DataSetShape:
         if not inflater.eof:
             raise IncompleteDataSet("the deflated data set ends before its deflate stream does")
     walker = _Walker(encoded, implicit=transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN,
-                     little=transfer_syntax_uid != EXPLICIT_VR_BIG_ENDIAN)
+                     little=transfer_syntax_uid != EXPLICIT_VR_BIG_ENDIAN, header=header)
     try:
         end = walker.elements(0, len(encoded), depth=0, until=None)
     except IncompleteDataSet as exc:
@@ -159,7 +178,10 @@ def check_complete(encoded: bytes, transfer_syntax_uid: str) -> DataSetShape:
         raise
     if end != len(encoded):  # pragma: no cover - elements() consumes to the limit or raises
         raise IncompleteDataSet(f"{len(encoded) - end} trailing bytes after the data set")
-    return DataSetShape(walker.pixel_data_length, walker.has_pixel_data)
+    if not header:
+        return DataSetShape(walker.pixel_data_length, walker.has_pixel_data)
+    return DataSetShape(walker.pixel_data_length, walker.has_pixel_data, tuple(walker.header or ()), encoded,
+                        walker.top_implicit, walker.order == "<")
 
 
 def _looks_like_vr(two: bytes) -> bool:
@@ -167,13 +189,16 @@ def _looks_like_vr(two: bytes) -> bool:
 
 
 class _Walker:
-    def __init__(self, data: bytes, *, implicit: bool, little: bool) -> None:
+    def __init__(self, data: bytes, *, implicit: bool, little: bool, header: bool = False) -> None:
         self.data = data
         self.implicit = implicit
+        self.top_implicit = implicit
         self.order = "<" if little else ">"
         self.top_level_elements = 0
         self.pixel_data_length: int | None = None
         self.has_pixel_data = False
+        #: the top-level elements before the first pixel data element, while collecting
+        self.header: list[WalkedElement] | None = [] if header else None
 
     def _need(self, offset: int, count: int, limit: int, what: str) -> None:
         if offset + count > limit:
@@ -191,12 +216,14 @@ class _Walker:
         if not implicit and offset + 6 <= limit and not _looks_like_vr(self.data[offset + 4:offset + 6]):
             # Declared explicit, encoded implicit: a known sender bug pydicom also reads.
             implicit = True
+            if depth == 0:
+                self.top_implicit = True
         if depth > _MAX_DEPTH:
             raise IncompleteDataSet(f"sequences nested deeper than {_MAX_DEPTH} levels")
         seen: set[int] = set()
         while offset < limit:
             self._need(offset, 8, limit, "an element header")
-            tag = self._tag(offset)
+            start, tag = offset, self._tag(offset)
             if tag == until:  # (FFFE,E00D) with its zero length
                 return offset + 8
             name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
@@ -220,6 +247,7 @@ class _Walker:
                 else:
                     (length,) = struct.unpack_from(self.order + "H", self.data, offset + 6)
                     offset += 8
+            value = offset
             if length == UNDEFINED_LENGTH:
                 # SQ, encapsulated pixel data (OB/OW), or UN holding implicit VR items.
                 inner_implicit = True if vr == b"UN" else implicit
@@ -231,7 +259,10 @@ class _Walker:
                     self.pixel_data_length = length
             if depth == 0:
                 self.top_level_elements += 1
-                self.has_pixel_data = self.has_pixel_data or tag in _PIXEL_DATA_TAGS
+                if tag in _PIXEL_DATA_TAGS:
+                    self.has_pixel_data = True
+                elif self.header is not None and not self.has_pixel_data:
+                    self.header.append((tag, vr.decode("latin-1") if vr else None, length, start, value, offset))
         if until is not None:
             raise IncompleteDataSet(f"the data ends before an item delimiter at depth {depth}")
         return offset

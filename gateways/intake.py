@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 
 from adapters.telemetry import get_logger
 from gateways.deadletter import BROKER_UNAVAILABLE, DeadLetters
+from gateways.dicom_wire import DataSetShape
 from gateways.publisher import EventPublisher, PublishError
 from gateways.validation import (
     FailureReason,
@@ -72,8 +73,8 @@ class InstanceIntake:
         self.dead_letters = DeadLetters(gateway, publisher, store, rejected_key)
 
     def receive(self, received: Received, site: str, *, header: Dataset | None = None,
-                transfer_syntax: str | None = None, calling_ae: str = "", called_ae: str = "",
-                check: Callable[[InstanceUids], None] | None = None) -> InstanceReceived:
+                transfer_syntax: str | None = None, shape: DataSetShape | None = None, calling_ae: str = "",
+                called_ae: str = "", check: Callable[[InstanceUids], None] | None = None) -> InstanceReceived:
         """Validate, store and publish the instance ``received.data``; raises :class:`InvalidInstance`.
 
         ``header`` and ``transfer_syntax``: what the protocol already read (a C-STORE's
@@ -83,6 +84,8 @@ class InstanceIntake:
         protocol's own conditions on the validated UIDs (the instance a C-STORE request
         announced, PS3.4 B.2.1; the study of a STOW-RS URL, PS3.18 10.5.1). ``site`` is
         the ``source_site``, ``calling_ae``/``called_ae`` the association's AE titles.
+        ``shape``: the walk of :func:`gateways.validation.check_encoding`, where the protocol
+        already made it in ``transfer_syntax``.
         """
         if header is None:
             header = read_instance(received.data)
@@ -90,7 +93,8 @@ class InstanceIntake:
         # The walk over the encoded elements: whole, each element once (PS3.5 7.1). A C-STORE
         # knows its transfer syntax first (so a cut-short data set is called that before its
         # UIDs are judged); a STOW-RS part's comes from its file meta, once that is valid.
-        shape = check_encoding(received.data, transfer_syntax) if transfer_syntax is not None else None
+        if shape is None and transfer_syntax is not None:
+            shape = check_encoding(received.data, transfer_syntax)
         uids = instance_uids(header)
         if transfer_syntax is None:
             transfer_syntax = check_storable(header, uids.sop_class_uid)

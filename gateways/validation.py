@@ -21,9 +21,13 @@ from io import BytesIO
 from typing import Any, NamedTuple
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.tag import BaseTag
+from pydicom.valuerep import VR
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts
@@ -144,17 +148,58 @@ def check_storable(header: Dataset, sop_class_uid: str) -> str:
     return transfer_syntax
 
 
-def check_encoding(part10: bytes, transfer_syntax: str) -> DataSetShape:
+def check_encoding(part10: bytes, transfer_syntax: str, *, header: bool = False) -> DataSetShape:
     """The data set of the PS3.10 file ``part10`` is whole and holds each element once
-    (:func:`gateways.dicom_wire.check_complete`); its shape for :func:`check_pixel_data`."""
+    (:func:`gateways.dicom_wire.check_complete`); its shape for :func:`check_pixel_data`,
+    with its header elements for :func:`walked_header` if ``header``."""
     try:
-        return check_complete(part10[data_set_offset(part10):], transfer_syntax)
+        return check_complete(part10[data_set_offset(part10):], transfer_syntax, header=header)
     except NotADataSet as exc:
         raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "undecodable", f"not a DICOM data set: {exc}") from None
     except IncompleteDataSet as exc:
         raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "truncated", f"incomplete data set: {exc}") from None
     except DuplicateElement as exc:
         raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "duplicate_element", str(exc)) from None
+
+
+#: VRs pydicom reads; an element with any other (a hostile or broken stream) is left to dcmread
+_KNOWN_VRS = frozenset(vr.value for vr in VR)
+
+
+def walked_header(shape: DataSetShape) -> Dataset | None:
+    """The data set's header (its top-level elements before the pixel data) as
+    ``dcmread(..., stop_before_pixels=True)`` reads it, from what the walk of
+    :func:`check_encoding` with ``header=True`` kept, without parsing the bytes again
+    (dcmread took ~0.9 ms of a 526 kB CT slice's ~10 ms in the gateway). Values stay raw
+    until read, as dcmread leaves them; sequences of undefined length are read by pydicom's
+    own element reader. None where pydicom might read the elements otherwise (an unknown VR,
+    another value of undefined length than a sequence, a sequence pydicom ends elsewhere):
+    the caller then reads the header with dcmread.
+    """
+    data, implicit, little = shape.walked, shape.implicit, shape.little
+    elements: dict[BaseTag, Any] = {}
+    encoding: str | list[str] = default_encoding
+    try:
+        for tag, vr, length, start, value, end in shape.header:
+            if vr is not None and vr not in _KNOWN_VRS:
+                return None
+            if length == _UNDEFINED_LENGTH:  # a sequence: read now, in the character set so far, as dcmread does
+                if (vr or dictionary_VR(tag)) != "SQ":
+                    return None
+                stream = BytesIO(data[start:end])
+                element = next(data_element_generator(stream, implicit, little, encoding=encoding))
+                if stream.tell() != end - start:  # pydicom ends it elsewhere than the walk did
+                    return None
+            else:
+                element = RawDataElement(BaseTag(tag), vr, length, data[value:end], value, implicit, little)
+            elements[element.tag] = element
+            if tag == 0x00080005:
+                encoding = convert_encodings(convert_raw_data_element(element).value)
+    except Exception:  # let dcmread read it, and refuse it, as it always did
+        return None
+    dataset = Dataset(elements)
+    dataset.set_original_encoding(implicit, little, encoding)
+    return dataset
 
 
 def check_pixel_data(header: Dataset, shape: DataSetShape, transfer_syntax: str) -> None:
