@@ -45,8 +45,8 @@ class LocalBlobStore:
     def uri_of(self, key: str) -> str:
         return self.path_of(key).as_uri()
 
-    def put(self, key: str, data: bytes) -> BlobRef:
-        path = self.path_of(key)
+    def put(self, key: str, data: bytes, *, sample_bytes: int = 1) -> BlobRef:
+        path = self.path_of(key)  # stored as it is: sample_bytes is only a compression hint
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
         try:

@@ -9,7 +9,9 @@ Blobs are LZ4-framed before they are stored where that saves a tenth or more
 (``blobs.compression``; the object's ``radstream-compression`` metadata says so, and
 :meth:`S3BlobStore.get` undoes it): the object store's CPU per PUT grows with the bytes
 (SeaweedFS: ~2 ms a request + ~11 µs a kB, 8 ms for a 526 kB CT slice, 4.4 ms for its
-274 kB LZ4 frame, which costs ~1.5 ms here, outside the GIL).
+274 kB LZ4 frame, which costs ~1.5 ms here, outside the GIL). An instance with native
+16-bit pixel data (``put``'s ``sample_bytes=2``) is byte-shuffled first, as Blosc and HDF5
+do: its frame is 214 kB, made in 1.0 ms.
 
 Optional encryption at rest is done here, before bytes leave the process (after compression): AES-256-GCM
 with the key from ``blobs.encryption_key`` and a random 96-bit nonce per object, so it
@@ -39,6 +41,10 @@ from schemas.settings import Settings
 
 _ZIP_META = "radstream-compression"
 _ZIP_ALGO = "lz4-frame"
+#: LZ4 over the blob's bytes regrouped by position in each 2-byte sample (all first bytes,
+#: then all second bytes): 16-bit pixels' high bytes are nearly constant, so a 526 kB CT
+#: slice frames to 214 kB instead of 274 (1.0 instead of 1.45 ms; undone in ~0.2 ms more)
+_ZIP_SHUFFLED = "shuffle2+lz4-frame"
 #: Smaller blobs are stored as they are; larger ones once their frame is at most this share of them.
 _ZIP_MIN_BYTES, _ZIP_MAX_RATIO = 4096, 0.9
 _ENC_META = "radstream-encryption"
@@ -145,7 +151,7 @@ class S3BlobStore:
         """The reference ``put(key, data)`` will return, without storing anything."""
         return BlobRef(uri=self.uri_of(key), size=len(data), sha256=sha256_hex(data))
 
-    def put(self, key: str, data: bytes) -> BlobRef:
+    def put(self, key: str, data: bytes, *, sample_bytes: int = 1) -> BlobRef:
         import obstore
 
         ref = self.ref_for(key, data)
@@ -153,9 +159,10 @@ class S3BlobStore:
         if self.compression == "lz4" and len(data) >= _ZIP_MIN_BYTES:
             import lz4.frame
 
-            framed = lz4.frame.compress(data)
+            shuffled = sample_bytes == 2
+            framed = lz4.frame.compress(_shuffle2(data) if shuffled else data)
             if len(framed) <= _ZIP_MAX_RATIO * len(data):
-                body, metadata[_ZIP_META] = framed, _ZIP_ALGO
+                body, metadata[_ZIP_META] = framed, _ZIP_SHUFFLED if shuffled else _ZIP_ALGO
         if self._aead is not None:
             nonce = secrets.token_bytes(_NONCE_BYTES)
             body = nonce + self._aead.encrypt(nonce, body, ref.uri.encode())
@@ -180,14 +187,16 @@ class S3BlobStore:
             except InvalidTag:
                 raise BlobError(f"{uri} cannot be decrypted: wrong blobs.encryption_key or a tampered object") from None
         if (zipped := attributes.get(_ZIP_META)) is not None:
-            if zipped != _ZIP_ALGO:
+            if zipped not in (_ZIP_ALGO, _ZIP_SHUFFLED):
                 raise BlobError(f"{uri} is stored {zipped}-compressed, which this version cannot read")
             import lz4.frame
 
             try:
                 body = lz4.frame.decompress(body)
             except RuntimeError as exc:
-                raise BlobError(f"{uri} is a damaged {_ZIP_ALGO} object: {exc}") from None
+                raise BlobError(f"{uri} is a damaged {zipped} object: {exc}") from None
+            if zipped == _ZIP_SHUFFLED:
+                body = _unshuffle2(body)
         return body
 
     def exists(self, uri: str) -> bool:
@@ -365,3 +374,22 @@ def open_s3_store(settings: Settings) -> S3BlobStore:
         timeout_s=blobs.s3_timeout_s, encryption_key=_encryption_key(settings),
         max_connections=max(10, settings.dicom.max_associations * 2), compression=blobs.compression,
     )
+
+
+def _shuffle2(data: bytes) -> bytes:
+    """The first byte of every 2-byte sample, then every second byte (an odd last byte stays last)."""
+    import numpy as np
+
+    even = len(data) & ~1
+    return np.frombuffer(data, np.uint8, even).reshape(-1, 2).T.tobytes() + data[even:]
+
+
+def _unshuffle2(data: bytes) -> bytes:
+    """:func:`_shuffle2` undone."""
+    import numpy as np
+
+    even = len(data) & ~1
+    planes = np.frombuffer(data, np.uint8, even).reshape(2, -1)
+    samples = np.empty((even // 2, 2), np.uint8)
+    samples[:, 0], samples[:, 1] = planes[0], planes[1]
+    return samples.tobytes() + data[even:]

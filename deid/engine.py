@@ -59,6 +59,7 @@ from schemas.deid import (
     load_annex_e,
     strictest,
 )
+from schemas.blobs import pixel_sample_bytes
 from schemas.deid.keys import DeidKeys, shift_date
 from schemas.deid.policy import OPTIONS, SitePolicy
 
@@ -109,6 +110,8 @@ class DeidentifiedInstance:
     study_description: str | None = None
     patient_age: str | None = None
     patient_sex: str | None = None
+    #: the blob store's compression hint (:func:`schemas.blobs.pixel_sample_bytes`)
+    sample_bytes: int = 1
     study_date: str | None = None  # shifted (DA), as written; priors compare intervals of these
     study_time: str | None = None
     #: how far this patient's dates moved (whole days, negative); times the stage puts on
@@ -311,7 +314,18 @@ def deidentify_dataset(ds: Dataset, policy: SitePolicy, keys: DeidKeys,
         series_description=_raw_text(ds, 0x0008103E), study_description=_raw_text(ds, 0x00081030),
         patient_age=_raw_text(ds, 0x00101010), patient_sex=_raw_text(ds, 0x00100040),
         study_date=_raw_text(ds, 0x00080020), study_time=_raw_text(ds, 0x00080030), date_shift=walk.shift,
+        sample_bytes=pixel_sample_bytes(_bits_allocated(ds), str(meta.TransferSyntaxUID)
+                                        if meta is not None and "TransferSyntaxUID" in meta else ""),
     )
+
+
+def _bits_allocated(ds: Dataset) -> int | None:
+    """Bits Allocated (0028,0100), or None when absent or not one readable US value."""
+    try:
+        value = ds.get(0x00280100)
+        return value.value if value is not None and isinstance(value.value, int) else None
+    except Exception:  # a malformed value is only a compression hint lost
+        return None
 
 
 _SOP_INSTANCE_UID = 0x00080018

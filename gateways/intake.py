@@ -29,12 +29,13 @@ from gateways.validation import (
     check_encoding,
     check_pixel_data,
     check_storable,
+    header_int,
     header_text,
     instance_metadata,
     instance_uids,
     read_instance,
 )
-from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, rejected_key
+from schemas.blobs import BlobRef, BlobStore, instance_key, is_valid_uid, pixel_sample_bytes, rejected_key
 from schemas.events import InstanceReceived, trace_id_for, utcnow
 from schemas.topics import INSTANCE_RECEIVED
 
@@ -110,7 +111,8 @@ class InstanceIntake:
         # would hide under the upload, but an event could name a blob not yet (or, if the upload
         # then failed, never) stored: measured, about one study in a run of the 4-association
         # benchmark was dead-lettered "BlobNotFound" by de-identification.
-        received.blob = blob = self._store(key, received)
+        received.blob = blob = self._store(key, received,
+                                           pixel_sample_bytes(header_int(header, "BitsAllocated"), transfer_syntax))
         instance = InstanceReceived(
             trace_id=trace_id_for(uids.study_uid), study_uid=uids.study_uid, series_uid=uids.series_uid,
             sop_instance_uid=uids.sop_instance_uid, sop_class_uid=uids.sop_class_uid,
@@ -124,11 +126,11 @@ class InstanceIntake:
                   source_site=site, bytes=blob.size)
         return instance
 
-    def _store(self, key: str, received: Received) -> BlobRef:
+    def _store(self, key: str, received: Received, sample_bytes: int) -> BlobRef:
         # In this thread, not a pool's: obstore and LZ4 release the GIL, and handing each put
         # to a pool thread cost the gateway ~5 % of its CPU in thread wake-ups.
         try:
-            return self.store.put(key, received.data)
+            return self.store.put(key, received.data, sample_bytes=sample_bytes)
         except Exception as exc:  # received.blob stays None: the dead letter carries the bytes themselves
             raise InvalidInstance(FailureReason.OUT_OF_RESOURCES, "blob_store_failed",
                                   f"cannot store the instance: {exc}") from None

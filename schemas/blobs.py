@@ -49,13 +49,29 @@ class BlobRef:
     sha256: str  # lowercase hex
 
 
+#: PS3.5 A.1-A.3: the transfer syntaxes whose pixel data is native in the encoded bytes
+#: (deflate, A.5, compresses the whole data set, and A.4's are encapsulated)
+_NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+
+
+def pixel_sample_bytes(bits_allocated: int | None, transfer_syntax_uid: str) -> int:
+    """The ``sample_bytes`` hint of :meth:`BlobStore.put` for a DICOM instance: 2 when its
+    pixel data is native at 16 bits allocated, as CT, MR and most CR/DX are; else 1. Its
+    pixel data starts at an even offset (every element's length is even, PS3.5 7.1.1), so
+    its samples are the blob's aligned byte pairs."""
+    return 2 if bits_allocated == 16 and transfer_syntax_uid in _NATIVE_SYNTAXES else 1
+
+
 @runtime_checkable
 class BlobStore(Protocol):
     """What every claim-check store offers; implementations must be thread-safe."""
 
-    def put(self, key: str, data: bytes) -> BlobRef:
+    def put(self, key: str, data: bytes, *, sample_bytes: int = 1) -> BlobRef:
         """Store ``data`` under ``key`` atomically (readers see all of it or none);
-        a second put of the same key replaces the object."""
+        a second put of the same key replaces the object. ``sample_bytes``: a hint for a
+        store that compresses, the width of the samples most of ``data`` holds (2 for an
+        instance with native 16-bit pixel data, :func:`pixel_sample_bytes`); ``get``
+        returns the same bytes whatever it was."""
         ...
 
     def uri_of(self, key: str) -> str:
@@ -63,8 +79,7 @@ class BlobStore(Protocol):
         ...
 
     def ref_for(self, key: str, data: bytes) -> BlobRef:
-        """The reference ``put(key, data)`` returns, computed without storing anything:
-        lets a gateway publish the claim check while the upload is still running."""
+        """The reference ``put(key, data)`` returns, computed without storing anything."""
         ...
 
     def get(self, uri: str) -> bytes:

@@ -58,7 +58,7 @@ class InstanceBlobs(Protocol):
     def get(self, uri: str) -> bytes:
         ...
 
-    def put(self, key: str, data: bytes) -> BlobRef:
+    def put(self, key: str, data: bytes, *, sample_bytes: int = 1) -> BlobRef:
         ...
 
 
@@ -101,7 +101,7 @@ def run(study: StudyAssembled, blobs: InstanceBlobs, policy: Policy, keys: DeidK
         except NotDicom as exc:
             quarantined.append(_held(study, ref, "not_dicom", str(exc), now))
             continue
-        blob = blobs.put(deid_key(result), result.data)
+        blob = blobs.put(deid_key(result), result.data, sample_bytes=result.sample_bytes)
         done.append((result, blob))
     if not done:
         return DeidOutcome(None, None, quarantined)

@@ -327,10 +327,10 @@ def test_large_refused_instance_is_kept_by_claim_check(gateway: Gateway) -> None
 
 
 class FailingStore(LocalBlobStore):
-    def put(self, key: str, data: bytes):  # type: ignore[override]
+    def put(self, key: str, data: bytes, **hints):  # type: ignore[override]
         if not key.startswith("rejected/"):
             raise OSError(28, "No space left on device")
-        return super().put(key, data)
+        return super().put(key, data, **hints)
 
 
 def test_blob_store_failure_answers_out_of_resources_and_is_dead_lettered(broker: Settings) -> None:
@@ -358,9 +358,9 @@ class WatchedStore(LocalBlobStore):
         self.settings = settings
         self.seen_while_storing: list[Record] = []
 
-    def put(self, key: str, data: bytes):  # type: ignore[override]
+    def put(self, key: str, data: bytes, **hints):  # type: ignore[override]
         self.seen_while_storing += consume(self.settings, INSTANCE_RECEIVED, count=1, timeout_s=2, linger_s=0)
-        return super().put(key, data)
+        return super().put(key, data, **hints)
 
 
 def test_the_event_is_published_only_once_its_blob_is_stored(broker: Settings) -> None:
@@ -387,9 +387,9 @@ class RendezvousStore(LocalBlobStore):
         super().__init__(root)
         self.barrier = threading.Barrier(2, timeout=20)
 
-    def put(self, key: str, data: bytes):  # type: ignore[override]
+    def put(self, key: str, data: bytes, **hints):  # type: ignore[override]
         self.barrier.wait()
-        return super().put(key, data)
+        return super().put(key, data, **hints)
 
 
 def test_associations_from_two_senders_are_served_at_the_same_time(broker: Settings, tmp_path: Path) -> None:
