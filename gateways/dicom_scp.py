@@ -2,9 +2,10 @@
 
 Sites' PACS and modalities push studies here over DICOM (PS3.4 Annex B Storage
 Service Class, PS3.4 Annex A Verification, DIMSE per PS3.7). For every C-STORE the
-handler takes the dataset exactly as it was sent (no pixel decoding), reads its header,
-checks it came on a presentation context of its SOP class (PS3.8 9.3.5.1), is whole,
-each element once, and the instance the request announced, and hands the PS3.10 file
+handler takes the dataset exactly as it was sent (no pixel decoding), walks its encoded
+elements once to check it is whole, each element once, and to read its header, checks
+it came on a presentation context of its SOP class (PS3.8 9.3.5.1) and is the instance
+the request announced, and hands the PS3.10 file
 to the shared intake (:mod:`gateways.intake`): validated UIDs, the file in the
 claim-check blob store, an ``InstanceReceived`` event acknowledged by the broker; only
 then does the sender get Success (0x0000). Every failure answers with the PS3.4 B.2.3

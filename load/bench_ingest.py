@@ -14,15 +14,16 @@ de-identification and the sink included), so every run shows where the time goes
     python -m load.bench_ingest [--instances 300] [--py-spy DIR]
 
 Where a sent instance's CPU goes now, in process order (4 associations, while sending,
-2026-12-07 sixth pass; /proc per child, py-spy --gil for the gateway, Go pprof for weed):
+2026-12-07 sixth pass; /proc per child, py-spy --gil for the gateway, Go pprof for weed;
+the gateway and blob figures as of the eighth pass):
 
     child          CPU ms/inst  top costs
-    dicom-gateway  ~10          pynetdicom's PDU and DIMSE handling ~6 (a bare pynetdicom SCP
-                                that only writes files: 8-12 per slice); LZ4 1.15; header
-                                dcmread 0.8; event encode + produce 0.5-0.9; SHA-256 0.4
-    objectstore    13-18        weed's gRPC to its own filer 29 %, MD5 of each body (4 passes)
+    dicom-gateway  ~9           pynetdicom's PDU and DIMSE handling ~6 (a bare pynetdicom SCP
+                                that only writes files: 8-12 per slice); shuffle + LZ4 1.0;
+                                walk + header 1.0; event encode + produce 0.5-0.9; SHA-256 0.4
+    objectstore    12-18        weed's gRPC to its own filer 29 %, MD5 of each body (4 passes)
       (weed mini)               14 %, GC 13 %, HTTP I/O 14 %, volume write 7 %; per instance
-                                1 blob PUT (~268 kB), 2.15 Tansu PUTs, 0.86 GETs, 0.35 LISTs
+                                1 blob PUT (~214 kB), 2.15 Tansu PUTs, 0.86 GETs, 0.35 LISTs
     broker (tansu)  2-3         native; its S3 requests are billed to weed above
     worker          2-3         assembly; de-identification runs once the study is assembled
                                 (~11 ms of worker and ~12 of weed per instance after sending)
