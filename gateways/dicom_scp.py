@@ -137,7 +137,11 @@ def _receive(event: evt.Event, intake: InstanceIntake, received: Received, sites
     """Read the data set as sent, check it is whole and the announced instance, and take it in."""
     calling_ae = calling_ae_of(event)
     transfer_syntax = str(event.context.transfer_syntax)
-    received.data = _encoded_instance(event, calling_ae)
+    try:
+        received.data = _encoded_instance(event, calling_ae)
+    except Exception as exc:  # e.g. a request without its data set
+        raise InvalidInstance(FailureReason.CANNOT_UNDERSTAND, "undecodable",
+                              f"cannot read the data set: {exc}") from None
     try:
         # The walk over every encoded element (a cut-short data set is called that before its
         # UIDs are judged) also gives the header, read without parsing the bytes again.

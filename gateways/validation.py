@@ -26,10 +26,10 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
-from pydicom.tag import BaseTag
-from pydicom.valuerep import VR
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 from pynetdicom import AllStoragePresentationContexts
 
 from gateways.dicom_wire import (
