@@ -171,8 +171,8 @@ def _note_readable_header(received: Received) -> None:
     """Note the UIDs of a data set the walk refused, as far as pydicom reads them (it reads a
     cut-short value as a shorter one); nothing if it cannot."""
     try:
-        received.note(dcmread(BytesIO(received.data), stop_before_pixels=True))
-    except Exception:
+        received.note(_read_header(received))
+    except Exception:  # the walk's refusal stands either way
         pass
 
 
