@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = load_settings(
             data_dir=root / "data",
             blobs={"backend": args.blobs},
-            seaweedfs={"s3_port": procs.free_port(host), "port_base": _free_block(host, 11)},
+            seaweedfs={"s3_port": procs.free_port(host), "port_base": objectstore.free_port_base(host)},
             metrics={"gateway_port": 0},
         )
         weed = None
@@ -207,16 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if weed is not None:
                 objectstore.stop_embedded(weed, base)
     return 1 if failed else 0
-
-
-def _free_block(host: str, count: int) -> int:
-    import random
-
-    for _ in range(200):
-        start = random.randrange(20000, 60000 - count)
-        if all(procs.port_is_free(host, start + i) for i in range(count)):
-            return start
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def _start_objectstore(settings: Settings, root: Path):

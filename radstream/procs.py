@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from adapters.process import PortInUseError, port_is_free, require_free  # noqa: F401  (re-exported)
@@ -34,7 +34,7 @@ def tansu_path() -> Path:
     return path
 
 
-#: Every port :func:`free_port` and :func:`free_port_range` handed out in this process:
+#: Every port :func:`free_port` and :func:`free_port_block` handed out in this process:
 #: neither ever hands out one of them again (a block must not contain a single port
 #: given earlier, nor a single port fall inside a block).
 _handed_out: set[int] = set()
@@ -55,13 +55,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def free_port_range(count: int, host: str = "127.0.0.1") -> int:
-    """The first of ``count`` consecutive free ports, none handed out before (SeaweedFS
-    opens a block of them). Blocks come from below the kernel's ephemeral range, so an
-    outgoing connection cannot take one of their ports between allocation and use."""
-    low, high = 20000, _ephemeral_start() - count
+    """The first of ``count`` consecutive free ports, none handed out before."""
+    return free_port_block(range(count), host)
+
+
+def free_port_block(offsets: Iterable[int], host: str = "127.0.0.1") -> int:
+    """A base port such that ``base + offset`` is free and not handed out before, for every
+    offset (SeaweedFS opens a block of them). Blocks come from below the kernel's ephemeral
+    range, so an outgoing connection cannot take one of their ports between allocation and
+    use."""
+    offsets = sorted(set(offsets))
+    low, high = 20000, _ephemeral_start() - offsets[-1] - 1
     for _ in range(500):
         base = random.randrange(low, max(low + 1, high))
-        block = set(range(base, base + count))
+        block = {base + offset for offset in offsets}
         with _handed_out_lock:
             if block & _handed_out:
                 continue
@@ -70,16 +77,18 @@ def free_port_range(count: int, host: str = "127.0.0.1") -> int:
                 if not block & _handed_out:
                     _handed_out.update(block)
                     return base
-    raise RuntimeError(f"no {count} consecutive free ports")
+    raise RuntimeError(f"no free block of ports at offsets {offsets}")
 
 
 def isolated_listeners(**groups: dict[str, object]) -> dict[str, dict[str, object]]:
     """Settings groups that give every listener of a runtime its own free port (metrics
     off), for a runtime that must not collide with another on this machine (tests,
     benchmarks); ``groups`` add or override keys per group, e.g. ``kafka={"partitions": 2}``."""
+    from radstream import objectstore
+
     listeners: dict[str, dict[str, object]] = {
         "kafka": {"embedded_port": free_port()},
-        "seaweedfs": {"s3_port": free_port(), "port_base": free_port_range(11)},
+        "seaweedfs": {"s3_port": free_port(), "port_base": objectstore.free_port_base()},
         "warehouse": {"embedded_port": free_port()},
         "dicom": {"port": free_port()},
         "hl7": {"port": free_port()},

@@ -344,13 +344,14 @@ class BlobSettings(_Group):
 class SeaweedSettings(_Group):
     """The embedded object store (SeaweedFS ``weed mini``), bound to ``bind_host``.
 
-    Besides S3 it opens master, volume, filer, admin and catalogue ports, and a gRPC port
-    for several of them; they are ``port_base`` .. ``port_base + 12`` so that two
-    runtimes on one machine never collide.
+    Besides S3 it opens master, volume, filer and admin ports and their gRPC ports:
+    ``port_base`` .. ``port_base + 7`` and ``port_base + 10007`` (the admin server's gRPC
+    port, where SeaweedFS's own workers look for it; ``radstream.objectstore.PORT_OFFSETS``),
+    so that two runtimes on one machine never collide.
     """
 
     s3_port: int = Field(8333, ge=1, le=65535)
-    port_base: int = Field(18300, ge=1, le=65535 - 13)
+    port_base: int = Field(18300, ge=1, le=65535 - 10007)
     volume_size_limit_mb: int = Field(256, ge=8)
 
 

@@ -21,16 +21,6 @@ def _no_radstream_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def free_port_range(count: int) -> int:
-    """The first of ``count`` consecutive free ports (SeaweedFS opens a block of them).
-
-    Every test port comes from :mod:`radstream.procs`' one allocator, which never hands
-    out a port twice: a block can no longer contain a port given singly (a fresh clone's
-    ``weed mini`` once got ``-s3.port=55597 ... -s3.port.lance=55597`` and exited 255).
-    """
-    return procs.free_port_range(count)
-
-
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings for one test: its own data dir and free ports for every listener.

@@ -25,13 +25,13 @@ from pynetdicom import AE, _config
 from gateways.dicom_scp import start_gateway
 from gateways.publisher import EventPublisher
 from radstream import procs
+from radstream.objectstore import free_port_base
 from adapters.blobs import LocalBlobStore
 from schemas.codec import Codec
 from schemas.events import DeadLetter
 from schemas.settings import Settings, load_settings
 from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED
 from adapters.kafka import ensure_topics
-from tests.conftest import free_port_range
 from tests.test_dicom_gateway import (
     CALLING_AE,
     c_echo,
@@ -60,7 +60,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         data_dir=root / "data", blobs={"backend": "local"},
         kafka={"embedded_port": procs.free_port(), "partitions": 2, "topic_prefix": f"corpus{os.getpid()}",
                "storage": "memory://tansu/", "produce_timeout_s": 5},
-        seaweedfs={"s3_port": procs.free_port(), "port_base": free_port_range(11)},
+        seaweedfs={"s3_port": procs.free_port(), "port_base": free_port_base()},
         dicom={"port": procs.free_port()}, metrics={"gateway_port": 0, "worker_port": 0, "hl7_gateway_port": 0},
     )
     broker = procs.start_tansu(settings.bind_host, settings.kafka.embedded_port, "memory://tansu/",

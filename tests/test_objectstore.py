@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+from pathlib import Path
 
 import obstore
 import pytest
@@ -187,3 +188,47 @@ def test_stopping_the_embedded_store_removes_the_unix_sockets_it_leaves_in_tmp(d
         assert socket_paths(durable_settings) == []
     finally:
         stale.close()
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports ``pid`` listens on, read from /proc (its socket inodes in the tables)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:  # closed since it was listed
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_the_embedded_store_listens_only_where_settings_say_and_its_workers_reach_its_admin(
+        durable_settings: Settings, tmp_path: Path) -> None:
+    """weed mini's maintenance workers dial the admin server's gRPC port at its HTTP port +
+    10000, whatever -admin.port.grpc says: with another port they retried every 5 s for the
+    life of the runtime, logging each try, and would have spoken to whatever listened there.
+    Its Iceberg and Lance catalogue servers listened too, and its master would report
+    cluster statistics to seaweedfs.com."""
+    import time
+
+    from radstream.objectstore import argv, ports, start_embedded, stop_embedded
+
+    assert "-master.telemetry=false" in argv(durable_settings)
+    log_path = tmp_path / "seaweedfs.log"
+    proc = start_embedded(durable_settings, log_path)
+    try:
+        time.sleep(2.0)  # the admin server and its workers start after S3 answers
+        assert _listening_ports(proc.pid) == set(ports(durable_settings).values())
+    finally:
+        stop_embedded(proc, durable_settings)
+    log = log_path.read_text(errors="replace")
+    assert "Admin        ready" in log
+    for failure in ("connection refused", "INITIAL CONNECTION FAILED", "stream ended"):
+        assert failure not in log, log[-2000:]
