@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from schemas.blobs import BlobError, BlobNotFound, BlobRef, sha256_hex, validate_key
+from schemas.blobs import BlobError, BlobNotFound, BlobRef, BlobUnavailable, sha256_hex, validate_key
 from schemas.settings import Settings
 
 _ZIP_META = "radstream-compression"
@@ -310,7 +310,7 @@ class S3BlobStore:
         from obstore import exceptions as ob
 
         def failed(why: str) -> BlobError:
-            return BlobError(f"cannot {action} {uri}: {why}")
+            return (BlobUnavailable if why == unreachable else BlobError)(f"cannot {action} {uri}: {why}")
 
         unreachable = f"the object store at {self.endpoint} is unreachable"
         refused = f"the object store at {self.endpoint} refused the credentials"

@@ -32,6 +32,11 @@ class InvalidBlobKey(BlobError, ValueError):
     """A key or URI that is malformed or would point outside the store."""
 
 
+class BlobUnavailable(BlobError):
+    """The store could not be reached or did not answer in time: the same call may succeed
+    later (a stage tries it again before it dead-letters anything, :mod:`streams.runner`)."""
+
+
 class BlobNotFound(BlobError, LookupError):
     """The URI names no stored object."""
 

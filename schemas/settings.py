@@ -20,7 +20,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -376,6 +376,13 @@ class WorkerSettings(_Group):
     web_port: int = Field(6066, ge=1, le=65535, description="Faust web server port (0 disables)")
     sink_batch_size: int = Field(500, ge=1)
     sink_batch_window_s: float = Field(0.5, gt=0)
+    transient_retries_s: tuple[Annotated[float, Field(ge=0)], ...] = Field(
+        (0.5, 1.0, 2.0, 4.0, 8.0), max_length=20,
+        description="a blocking stage (de-identification) whose object store could not be reached tries the "
+                    "study again after each of these delays, holding its partition, and dead-letters it only "
+                    "then: a store restarting (the supervisor's restart of the embedded one takes a few seconds) "
+                    "loses no study to the dead-letter topic; () dead-letters at once",
+    )
 
 
 class MetricsSettings(_Group):

@@ -6,7 +6,11 @@ calls the stage's pure functions and reads and writes its typed tables, nothing 
 The runner owns the rest, once for every stage: decoding, the type check, timing,
 metrics, sending, and the dead letter with its reason, source topic and offset
 (``undecodable``, ``unexpected_event``, ``stage_error`` with the trace id). A handler
-that raises never stops the agent, because Faust would not restart it.
+that raises never stops the agent, because Faust would not restart it. A blocking
+handler that failed because a service could not be reached (:data:`TRANSIENT`: the
+object store restarting, say) is called again after each of
+``worker.transient_retries_s``, holding its partition, before the event is
+dead-lettered; blocking handlers write no tables, so calling one again is safe.
 
 A handler may also be a coroutine function, for a stage whose work waits on others
 (the AI stage's events wait for a shared, priority-ordered batch); with ``concurrency``
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
+from schemas.blobs import BlobUnavailable
 from schemas.codec import DecodeError
 from schemas.events import Record
 from schemas.topics import TopicSpec
@@ -37,6 +42,10 @@ log = get_logger("radstream.streams")
 #: one event to publish, and where
 Output = tuple[TopicSpec, Record]
 Handler = Callable[[Any], list[Output] | Awaitable[list[Output]]]
+
+
+#: failures of a blocking handler worth trying again: a service it needs could not be reached
+TRANSIENT: tuple[type[BaseException], ...] = (BlobUnavailable, ConnectionError, TimeoutError)
 
 
 class Unexpected(Exception):
@@ -128,7 +137,8 @@ async def _handle(ctx: StreamContext, stage: Stage, spec: TopicSpec, message: fa
         with STAGE_SECONDS.labels(stage.name).time():
             handler = stage.handler(spec)
             if stage.blocking:
-                outputs = await asyncio.to_thread(handler, event)
+                outputs = await _call_blocking(stage.name, handler, event, ctx.settings.worker.transient_retries_s,
+                                               trace_id)
             else:
                 outputs = handler(event)
                 if inspect.isawaitable(outputs):
@@ -140,6 +150,37 @@ async def _handle(ctx: StreamContext, stage: Stage, spec: TopicSpec, message: fa
         return
     except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
         log.exception("stage failed", stage=stage.name, trace_id=trace_id)
-        await ctx.dead_letter(stage.name, "stage_error", f"{type(exc).__name__}: {exc}", message, trace_id=trace_id)
+        error = str(exc) if isinstance(exc, GaveUp) else f"{type(exc).__name__}: {exc}"
+        await ctx.dead_letter(stage.name, "stage_error", error, message, trace_id=trace_id)
         return
     STAGE_EVENTS.labels(stage.name, "ok").inc()
+
+
+class GaveUp(Exception):
+    """A transient failure that lasted through every retry."""
+
+    def __init__(self, last: BaseException, attempts: int, waited_s: float) -> None:
+        super().__init__(f"{type(last).__name__}: {last} (still failing after {attempts} attempts over "
+                         f"{waited_s:g} s)")
+        self.last, self.attempts = last, attempts
+
+
+async def _call_blocking(stage: str, handler: Handler, event: Record, delays_s: tuple[float, ...],
+                         trace_id: str | None) -> list[Output]:
+    """``handler(event)`` in a thread, called again after each delay while it fails transiently."""
+    waited = 0.0
+    for attempt in range(1, len(delays_s) + 2):
+        try:
+            return await asyncio.to_thread(handler, event)
+        except TRANSIENT as exc:
+            if attempt > len(delays_s):
+                if attempt == 1:
+                    raise
+                raise GaveUp(exc, attempt, waited) from exc
+            delay = delays_s[attempt - 1]
+            STAGE_EVENTS.labels(stage, "retried").inc()
+            log.warning("stage failed, trying again", stage=stage, trace_id=trace_id, attempt=attempt,
+                        retry_in_s=delay, error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(delay)
+            waited += delay
+    raise AssertionError("the loop returns or raises")
