@@ -29,6 +29,9 @@ the gateway and blob figures as of the eighth pass):
                                 (~11 ms of worker and ~12 of weed per instance after sending)
     all            ~30          storescu's own CPU comes on top, on the same 2 cores
 
+On a faster day (ninth pass) every figure about halves, Orthanc's with them: gateway 4.5-5,
+weed 6-8.5 for 3.3 requests (alone, the same requests cost it ~5), broker ~1, worker ~1.
+
 Every pass since 2026-12-01, with its before/after figures, the profiles that led to it and
 what was measured and not kept: ``load/bench_ingest.md``.
 """
