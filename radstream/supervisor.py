@@ -1,6 +1,6 @@
 """A general process supervisor: start children in order, watch them, stop them cleanly.
 
-About 550 lines: one state machine (start, readiness, restart with backoff, stop,
+About 590 lines: one state machine (start, readiness, restart with backoff, stop,
 reporting) whose parts share the children's state; splitting it would scatter that.
 
 The supervisor owns a list of :class:`ChildSpec` and knows nothing of radstream's own
@@ -12,7 +12,9 @@ A child that dies is restarted with exponential backoff; too many rapid failures
 the whole runtime down with a non-zero exit. SIGINT/SIGTERM stop the children in
 reverse start order (SIGTERM, then SIGKILL after ``runtime.stop_grace_s``). There is no
 pidfile lock: ports are checked before anything starts, and ``<data_dir>/run/up.json``
-only tells tooling which pids and ports the children have.
+only tells tooling which pids and ports the children have. Each child's log
+(``<data_dir>/logs/<child>.log``) is kept under ``runtime.log_max_mb`` by
+:func:`rotate_log`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -41,6 +44,8 @@ log = logging.getLogger("radstream.supervisor")
 LOG_TAIL_LINES = 20
 #: How often the watch loop looks at its children.
 POLL_INTERVAL_S = 0.1
+#: how often the children's logs are checked against ``runtime.log_max_mb``
+LOG_CHECK_INTERVAL_S = 2.0
 
 
 class SupervisorError(RuntimeError):
@@ -267,7 +272,11 @@ class Supervisor:
 
     def run_forever(self) -> int:
         """Watch the children until a stop signal (→ 0) or a child gives up (→ 1)."""
+        next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
         while not self._stop_requested.wait(POLL_INTERVAL_S):
+            if time.monotonic() >= next_log_check:
+                self.rotate_logs()
+                next_log_check = time.monotonic() + LOG_CHECK_INTERVAL_S
             for child in self.children:
                 if child.spec.external:
                     continue
@@ -289,6 +298,16 @@ class Supervisor:
         return self.exit_code
 
     wait = run_forever
+
+    def rotate_logs(self) -> None:
+        """Keep every child's log under ``runtime.log_max_mb`` (:func:`rotate_log`)."""
+        limit, keep = int(self.settings.runtime.log_max_mb * 1024 * 1024), self.settings.runtime.log_keep
+        for child in self.children:
+            try:
+                if rotate_log(child.log_path, limit, keep):
+                    log.info("rotated the log of %s (over %g MB)", child.spec.name, self.settings.runtime.log_max_mb)
+            except OSError as exc:  # a full disk must not stop the supervision
+                log.warning("could not rotate %s: %s", child.log_path, exc)
 
     def stop(self) -> None:
         """Stop children in reverse start order; idempotent; removes ``up.json``."""
@@ -487,6 +506,30 @@ class Supervisor:
         line("data dir", str(self.data_dir))
         line("logs", str(self.log_dir))
         console.print("[bold green]radstream is ready[/] (Ctrl-C to stop)", soft_wrap=True)
+
+
+def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
+    """Once ``path`` is over ``max_bytes``, copy it to ``path.1`` (``.1`` .. ``.keep-1``
+    moving up one, the oldest dropped) and empty it in place; True if it did.
+
+    Copy-truncate, as logrotate's ``copytruncate``: a child writes its log through the
+    descriptor it was started with, opened for appending (:func:`radstream.procs.spawn`),
+    so it goes on writing at the start of the emptied file, and no restart is needed.
+    Lines written during the copy may be lost.
+    """
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for number in range(keep, 1, -1):
+        older = path.with_name(f"{path.name}.{number - 1}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{number}"))
+    if keep:
+        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    os.truncate(path, 0)
+    return True
 
 
 def tail(path: Path, lines: int) -> list[str]:

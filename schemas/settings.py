@@ -463,6 +463,13 @@ class RuntimeSettings(_Group):
 
     stop_grace_s: float = Field(5.0, ge=0, description="SIGTERM, then SIGKILL after this long")
     ready_timeout_s: float = Field(90.0, gt=0)
+    log_max_mb: float = Field(
+        64.0, gt=0,
+        description="a child's log (DATA_DIR/logs/<child>.log) over this size is copied to <child>.log.1 and "
+                    "emptied in place, the child appending on (copy-truncate: lines written during the copy may "
+                    "be lost); the gateways log a line per instance, so without it the logs grew without bound",
+    )
+    log_keep: int = Field(3, ge=0, le=100, description="copies kept of each child's log (.1 the newest)")
 
 
 _GROUPS: dict[str, type[_Group]] = {

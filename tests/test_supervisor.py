@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from radstream import procs
-from radstream.supervisor import AlreadyRunningError, ChildSpec, PortClaim, RestartPolicy, Supervisor
+from radstream.supervisor import AlreadyRunningError, ChildSpec, PortClaim, RestartPolicy, Supervisor, rotate_log
 from schemas.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,10 @@ print(f"listening on {port}", flush=True)
 if mode == "mute":  # never gets ready
     print("warming up", flush=True)
     time.sleep(600)
+if mode == "chatty":  # a busy gateway's log: ~200 kB/s of numbered lines
+    for number in range(10**9):
+        print(f"line {number:09d} " + "x" * 90, flush=True)
+        time.sleep(0.0005)
 marker = os.path.join(tag, f"crashed-{port}")
 if mode == "crash-always" or (mode == "crash-once" and not os.path.exists(marker)):
     open(marker, "w").close()
@@ -237,6 +242,49 @@ def test_a_child_that_dies_is_restarted_and_its_log_tail_reported(supervise, set
 
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(timeout=30) == 0
+
+
+def test_a_childs_log_is_rotated_under_its_limit_while_the_child_writes_on(supervise, settings: Settings,
+                                                                           env: dict[str, str]) -> None:
+    """The gateways log a line per instance: a runtime's logs grew without bound."""
+    env.update(RADSTREAM_RUNTIME_LOG_MAX_MB="0.1", RADSTREAM_RUNTIME_LOG_KEEP="2")
+    run = supervise([{"name": "chatty", "port": procs.free_port(), "mode": "chatty"}], broker=False)
+    run.wait_ready()
+    logs = settings.data_dir / "logs"
+    _wait_for(lambda: (logs / "chatty.log.2").exists(), 30, "two rotations", run.proc, (run.err,))
+    time.sleep(2.5)  # a check after the second rotation: the oldest copy is dropped, not moved up
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(timeout=30) == 0
+    assert "rotated the log of chatty" in run.stderr
+    assert not (logs / "chatty.log.3").exists()
+    current, newer, older = ((logs / name).read_bytes() for name in ("chatty.log", "chatty.log.1", "chatty.log.2"))
+    # the child appended on at the start of the emptied file: no hole of NULs before its lines
+    assert b"\0" not in current and current.startswith((b"line ", b"-----"))
+    # every copy is about the limit (it was over it when copied), the current file under it
+    # plus what one check interval adds
+    assert all(100 * 1024 < len(copy) < 1024 * 1024 for copy in (newer, older))
+    assert len(current) < 1024 * 1024
+
+    def numbers(data: bytes) -> list[int]:  # whole lines only: a copy may end inside one
+        return [int(m.group(1)) for m in re.finditer(rb"^line (\d{9}) x{90}$", data, re.MULTILINE)]
+
+    # in order across the files, nothing written twice
+    assert numbers(older)[-1] < numbers(newer)[0] and numbers(newer)[-1] < numbers(current)[0]
+
+
+def test_rotating_a_log_keeps_as_many_copies_as_asked(tmp_path: Path) -> None:
+    log = tmp_path / "child.log"
+    log.write_bytes(b"x" * 10)
+    assert not rotate_log(log, 10, 2) and log.read_bytes() == b"x" * 10  # at the limit: left alone
+    log.write_bytes(b"a" * 11)
+    assert rotate_log(log, 10, 2) and log.read_bytes() == b"" and (tmp_path / "child.log.1").read_bytes() == b"a" * 11
+    log.write_bytes(b"b" * 11)
+    assert rotate_log(log, 10, 2)
+    assert (tmp_path / "child.log.1").read_bytes() == b"b" * 11 and (tmp_path / "child.log.2").read_bytes() == b"a" * 11
+    log.write_bytes(b"c" * 11)
+    assert rotate_log(log, 10, 0) and log.read_bytes() == b""  # no copies: emptied only
+    assert (tmp_path / "child.log.1").read_bytes() == b"b" * 11
+    assert not rotate_log(tmp_path / "missing.log", 10, 2)
 
 
 def test_a_child_that_keeps_dying_shuts_everything_down_with_exit_1(supervise, settings: Settings,
