@@ -80,7 +80,9 @@ def argv(settings: Settings) -> list[str]:
     data.mkdir(parents=True, exist_ok=True)
     host = settings.bind_host
     return [
-        str(weed_path()), "mini",
+        # -logtostderr: into the child's log, which radstream up rotates; by default glog
+        # also wrote files of its own into $TMPDIR, new ones on every start, never removed
+        str(weed_path()), "-logtostderr", "mini",
         f"-dir={data}", f"-ip={host}", f"-ip.bind={host}",
         f"-bucket={','.join(buckets(settings))}",
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",

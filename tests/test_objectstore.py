@@ -214,8 +214,8 @@ def test_the_embedded_store_listens_only_where_settings_say_and_its_workers_reac
     """weed mini's maintenance workers dial the admin server's gRPC port at its HTTP port +
     10000, whatever -admin.port.grpc says: with another port they retried every 5 s for the
     life of the runtime, logging each try, and would have spoken to whatever listened there.
-    Its Iceberg and Lance catalogue servers listened too, and its master would report
-    cluster statistics to seaweedfs.com."""
+    Its Iceberg and Lance catalogue servers listened too, its master would report cluster
+    statistics to seaweedfs.com, and glog wrote log files of its own into /tmp."""
     import time
 
     from radstream.objectstore import argv, ports, start_embedded, stop_embedded
@@ -230,5 +230,8 @@ def test_the_embedded_store_listens_only_where_settings_say_and_its_workers_reac
         stop_embedded(proc, durable_settings)
     log = log_path.read_text(errors="replace")
     assert "Admin        ready" in log
+    # glog's own files (weed.<host>.<user>.log.<level>.<time>.<pid>) no longer litter $TMPDIR
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    assert not list(tmp.glob(f"weed.*.log.*.{proc.pid}"))
     for failure in ("connection refused", "INITIAL CONNECTION FAILED", "stream ended"):
         assert failure not in log, log[-2000:]
