@@ -54,11 +54,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port that was not handed out already")
 
 
-def free_port_range(count: int, host: str = "127.0.0.1") -> int:
-    """The first of ``count`` consecutive free ports, none handed out before."""
-    return free_port_block(range(count), host)
-
-
 def free_port_block(offsets: Iterable[int], host: str = "127.0.0.1") -> int:
     """A base port such that ``base + offset`` is free and not handed out before, for every
     offset (SeaweedFS opens a block of them). Blocks come from below the kernel's ephemeral
