@@ -42,16 +42,11 @@ _handed_out_lock = threading.Lock()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A free TCP port that this process has not been handed before."""
-    for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        with _handed_out_lock:
-            if port not in _handed_out:
-                _handed_out.add(port)
-                return port
-    raise RuntimeError("no free port that was not handed out already")
+    """A free TCP port that this process has not been handed before, from below the
+    kernel's ephemeral range (:func:`free_port_block`): a port the kernel picked for a
+    listener (bind to 0) is an ephemeral one, which any outgoing connection could take
+    before the listener binds it (a test once failed "the port is already in use")."""
+    return free_port_block((0,), host)
 
 
 def free_port_block(offsets: Iterable[int], host: str = "127.0.0.1") -> int:
@@ -60,7 +55,7 @@ def free_port_block(offsets: Iterable[int], host: str = "127.0.0.1") -> int:
     range, so an outgoing connection cannot take one of their ports between allocation and
     use."""
     offsets = sorted(set(offsets))
-    low, high = 20000, _ephemeral_start() - offsets[-1] - 1
+    low, high = 10000, _ephemeral_start() - offsets[-1] - 1
     for _ in range(500):
         base = random.randrange(low, max(low + 1, high))
         block = {base + offset for offset in offsets}
