@@ -10,7 +10,9 @@ that raises never stops the agent, because Faust would not restart it. A blockin
 handler that failed because a service could not be reached (:data:`TRANSIENT`: the
 object store restarting, say) is called again after each of
 ``worker.transient_retries_s``, holding its partition, before the event is
-dead-lettered; blocking handlers write no tables, so calling one again is safe.
+dead-lettered as ``service_unavailable`` (a letter worth sending again once the service
+is back, unlike a ``stage_error``); blocking handlers write no tables, so calling one
+again is safe.
 
 A handler may also be a coroutine function, for a stage whose work waits on others
 (the AI stage's events wait for a shared, priority-ordered batch); with ``concurrency``
@@ -148,39 +150,39 @@ async def _handle(ctx: StreamContext, stage: Stage, spec: TopicSpec, message: fa
     except Unexpected as exc:
         await ctx.dead_letter(stage.name, "unexpected_event", str(exc), message, trace_id=trace_id)
         return
+    except GaveUp as exc:  # the service stayed away: worth sending again once it is back
+        log.error("stage gave up", stage=stage.name, trace_id=trace_id, error=str(exc))
+        await ctx.dead_letter(stage.name, "service_unavailable", str(exc), message, trace_id=trace_id)
+        return
     except Exception as exc:  # a bug must not stop the agent: Faust would not restart it
         log.exception("stage failed", stage=stage.name, trace_id=trace_id)
-        error = str(exc) if isinstance(exc, GaveUp) else f"{type(exc).__name__}: {exc}"
-        await ctx.dead_letter(stage.name, "stage_error", error, message, trace_id=trace_id)
+        await ctx.dead_letter(stage.name, "stage_error", f"{type(exc).__name__}: {exc}", message, trace_id=trace_id)
         return
     STAGE_EVENTS.labels(stage.name, "ok").inc()
 
 
 class GaveUp(Exception):
-    """A transient failure that lasted through every retry."""
+    """A transient failure that lasted through every retry (the last one is its ``__cause__``)."""
 
     def __init__(self, last: BaseException, attempts: int, waited_s: float) -> None:
         super().__init__(f"{type(last).__name__}: {last} (still failing after {attempts} attempts over "
                          f"{waited_s:g} s)")
-        self.last, self.attempts = last, attempts
 
 
 async def _call_blocking(stage: str, handler: Handler, event: Record, delays_s: tuple[float, ...],
                          trace_id: str | None) -> list[Output]:
     """``handler(event)`` in a thread, called again after each delay while it fails transiently."""
-    waited = 0.0
-    for attempt in range(1, len(delays_s) + 2):
+    for attempt, delay in enumerate(delays_s, start=1):
         try:
             return await asyncio.to_thread(handler, event)
         except TRANSIENT as exc:
-            if attempt > len(delays_s):
-                if attempt == 1:
-                    raise
-                raise GaveUp(exc, attempt, waited) from exc
-            delay = delays_s[attempt - 1]
             STAGE_EVENTS.labels(stage, "retried").inc()
             log.warning("stage failed, trying again", stage=stage, trace_id=trace_id, attempt=attempt,
                         retry_in_s=delay, error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(delay)
-            waited += delay
-    raise AssertionError("the loop returns or raises")
+    try:
+        return await asyncio.to_thread(handler, event)
+    except TRANSIENT as exc:
+        if not delays_s:
+            raise
+        raise GaveUp(exc, len(delays_s) + 1, sum(delays_s)) from exc

@@ -21,7 +21,7 @@ from adapters.telemetry import STAGE_EVENTS
 from schemas.blobs import BlobNotFound, BlobUnavailable
 from schemas.deid.policy import parse_policy
 from schemas.settings import Settings
-from schemas.topics import STUDY_DEIDENTIFIED
+from schemas.topics import STUDY_ASSEMBLED, STUDY_DEIDENTIFIED
 from streams.deidentify import run
 from streams.runner import GaveUp, _call_blocking
 from tests.test_deidentify import KEYS, T0, _assembled
@@ -108,3 +108,34 @@ def test_only_failures_to_reach_a_service_are_tried_again() -> None:
         return answer
 
     assert asyncio.run(_call_blocking("retry-test", flaky, "d", (0.0,), None)) == [("topic", "event")]
+
+
+def test_the_dead_letter_says_whether_the_service_stayed_away_or_the_stage_failed() -> None:
+    """A give-up is ``service_unavailable`` (worth sending again once the service is back),
+    anything else a ``stage_error``; the worker's context is a recorder here, the runner
+    real."""
+    from types import SimpleNamespace
+
+    from streams.runner import Stage, _handle
+
+    letters: list[tuple[str, str, str]] = []
+
+    class Recorder:
+        settings = SimpleNamespace(worker=SimpleNamespace(transient_retries_s=(0.0, 0.0)))
+
+        async def send(self, spec, event) -> None:
+            raise AssertionError(f"nothing is sent: {event}")
+
+        async def dead_letter(self, stage, reason, error, message, trace_id=None) -> None:
+            letters.append((stage, reason, error))
+
+    def failing(error: Exception):
+        return Stage("retry-test", (STUDY_ASSEMBLED,), {STUDY_ASSEMBLED: lambda event: (_ for _ in ()).throw(error)},
+                     blocking=True)
+
+    event = SimpleNamespace(trace_id="t")
+    asyncio.run(_handle(Recorder(), failing(BlobUnavailable("gone")), STUDY_ASSEMBLED, None, event))
+    asyncio.run(_handle(Recorder(), failing(BlobNotFound("s3://b/k")), STUDY_ASSEMBLED, None, event))
+    assert letters == [
+        ("retry-test", "service_unavailable", "BlobUnavailable: gone (still failing after 3 attempts over 0 s)"),
+        ("retry-test", "stage_error", "BlobNotFound: no blob at s3://b/k")]
