@@ -11,6 +11,7 @@ import pytest
 from radstream import procs
 from schemas.settings import Settings, load_settings
 from adapters.kafka import ensure_topics
+from tests.workers import start_worker
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +80,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("gateway fuzzing")
     for name, count in sorted(fuzz.MUTATIONS.items()):
         terminalreporter.write_line(f"{name}: {count} mutations, no counterexample")
+
+
+@pytest.fixture
+def worker(broker: Settings, tmp_path: Path) -> Iterator[Settings]:
+    proc = start_worker(broker, tmp_path / "worker.log")
+    try:
+        yield broker
+    finally:
+        procs.stop(proc, grace_s=5)

@@ -27,7 +27,8 @@ from schemas.events import InferenceStatus
 from schemas.topics import DEID_QUARANTINE, INFERENCE_RESULT, STUDY_AI, STUDY_DEIDENTIFIED, STUDY_LINK
 from schemas.deid.keys import load_keys
 from tests.deid_fixtures import CANARIES, STUDY_UID, seeded_bytes
-from tests.test_streams_worker import consume, produce, start_worker
+from tests.workers import start_worker
+from tests.test_streams_worker import consume, produce
 
 pytestmark = pytest.mark.integration
 

@@ -210,7 +210,7 @@ def _stat(row: WorklistUpdate | None) -> bool:
 
 @pytest.mark.integration
 def test_orm_then_images_and_images_then_orm_both_end_stat_on_the_worklist(broker: Settings, tmp_path: Path) -> None:
-    from test_streams_worker import start_worker  # the same worker start-up as the stream tests
+    from tests.workers import start_worker  # the same worker start-up as the stream tests
 
     env = {**os.environ, **broker.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": broker.kafka_bootstrap}
     gateway = procs.spawn(procs.python_module("gateways.hl7_mllp"), env=env, log_path=tmp_path / "hl7.log")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,32 +19,9 @@ from schemas.events import InstanceReceived, Priority, trace_id_for, utcnow
 from schemas.settings import Settings
 from schemas.topics import DEAD_LETTER, INSTANCE_RECEIVED, STUDY_ASSEMBLED, WORKLIST_UPDATE, key_of
 from adapters.kafka import producer_config
+from tests.workers import start_worker
 
 pytestmark = pytest.mark.integration
-
-
-def start_worker(settings: Settings, log: Path, role: str = "worker"):
-    """Start ``python -m streams worker`` (or ``inference``) and wait until its group has its partitions."""
-    env = {**os.environ, **settings.to_env(), "RADSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-           "RADSTREAM_WAREHOUSE_URL": f"http://127.0.0.1:{procs.free_port()}"}
-    ready = Path(settings.data_dir).resolve() / "run" / f"{role}.ready"
-    ready.unlink(missing_ok=True)
-    proc = procs.spawn(procs.python_module("streams", role), env=env, log_path=log)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{role} not ready in 60 s:\n" + log.read_text()[-3000:]
-        time.sleep(0.2)
-    return proc
-
-
-@pytest.fixture
-def worker(broker: Settings, tmp_path: Path) -> Iterator[Settings]:
-    proc = start_worker(broker, tmp_path / "worker.log")
-    try:
-        yield broker
-    finally:
-        procs.stop(proc, grace_s=5)
 
 
 def instance(study: str, sop: str, *, expected: int | None = None, description: str | None = None) -> InstanceReceived:
