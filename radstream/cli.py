@@ -578,6 +578,8 @@ reading_cli.register(cli, config_option, _settings)
 from radstream import load_cli, results_cli  # noqa: E402
 load_cli.register(cli, config_option, _settings)
 results_cli.register(cli, config_option, _settings, format_rows, rows_table)
+from radstream import deadletters  # noqa: E402
+deadletters.register(cli, config_option, _settings, format_rows, rows_table)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -9,6 +9,7 @@ at start (:func:`adapters.kafka.ensure_topics`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from schemas.events import (
@@ -154,3 +155,20 @@ def key_of(spec: TopicSpec, event: Record) -> bytes | None:
         return spec.fixed_key.encode()
     value = getattr(event, spec.key, None)
     return value.encode() if value else None
+
+
+#: a record sent back from a dead letter (``radstream deadletters replay``) carries the one
+#: stage it is for; every other agent reading its topic passes it by
+REDRIVE_HEADER = "radstream-redrive-to"
+#: and the dead letter it came from, ``<partition>:<offset>`` on the dead-letter topic
+REDRIVE_OF_HEADER = "radstream-redrive-of"
+
+
+def redrive_stage(headers: object) -> str | None:
+    """The stage a record was sent back to, from its headers (a mapping, or the
+    ``(name, value)`` pairs Kafka clients give), or None for an ordinary record."""
+    pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
+    for name, value in pairs:  # type: ignore[union-attr]
+        if name == REDRIVE_HEADER:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None

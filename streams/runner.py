@@ -32,7 +32,7 @@ from adapters.telemetry import STAGE_EVENTS, STAGE_SECONDS, get_logger
 from schemas.blobs import BlobUnavailable
 from schemas.codec import DecodeError
 from schemas.events import Record
-from schemas.topics import TopicSpec
+from schemas.topics import TopicSpec, redrive_stage
 
 if TYPE_CHECKING:
     import faust
@@ -111,8 +111,13 @@ class Intake:
 
     async def accept(self, ctx: StreamContext, message: faust.EventT) -> Record | None:
         """The message's event if it is what its topic carries; else None, after the dead
-        letter if this agent answers for the topic."""
+        letter if this agent answers for the topic. A record sent back from a dead letter
+        to another stage is passed by (None, no dead letter)."""
         topic = message.message.topic
+        redriven_to = redrive_stage(message.message.headers)
+        if redriven_to is not None and redriven_to != self.stage:
+            STAGE_EVENTS.labels(self.stage, "redriven_elsewhere").inc()
+            return None
         try:
             event = ctx.codec.decode(message.value)
         except DecodeError as exc:
