@@ -9,6 +9,7 @@ second replay sends nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -88,3 +89,25 @@ def test_a_dead_lettered_study_goes_back_to_its_stage_once(worker: Settings) -> 
     assert len(consume(worker, STUDY_DEIDENTIFIED, 2, timeout_s=3)) == 1
     updates = consume(worker, WORKLIST_UPDATE, 3, timeout_s=5)
     assert [u.prior_summary is not None for u in updates] == [False, True]
+
+
+def test_a_letter_too_large_to_carry_its_event_is_replayed_from_the_source_topic(broker: Settings) -> None:
+    """A dead letter holds at most 256 kB of its event (a study of thousands of instances holds
+    more): the replay then reads the record where it was, while the topic still has it."""
+    from confluent_kafka import Producer
+
+    from adapters.kafka import producer_config
+    from radstream.deadletters import source_value
+    from schemas.events import DeadLetter
+
+    topic, sent = STUDY_ASSEMBLED.name(broker), []
+    producer = Producer(producer_config(broker))
+    for value in (b"first", b"the event"):
+        producer.produce(topic, key=b"k", value=value, partition=1, on_delivery=lambda e, m: sent.append(m.offset()))
+    assert producer.flush(10) == 0
+    letter = DeadLetter(stage="deidentify", reason="stage_error", error="x", failed_at=utcnow(), key="k",
+                        source_topic=topic, source_partition=1, source_offset=sent[1])
+    assert source_value(broker, letter) == b"the event"
+    assert source_value(broker, dataclasses.replace(letter, payload=b"carried")) == b"carried"
+    gone = dataclasses.replace(letter, source_offset=sent[1] + 5)  # an offset the topic does not hold
+    assert source_value(broker, gone, timeout_s=3) is None
