@@ -1,24 +1,15 @@
 """``radstream deadletters list|replay``: the stream stages' dead letters, and sending each
-back, once, to the one stage that failed it.
-
-A stage dead-letters an event it could not handle (:mod:`streams.runner`). An
-``undecodable`` or ``unexpected_event`` letter would fail the same way again, but a
-``service_unavailable`` one (the object store stayed away through every retry) or a
-``stage_error`` (a bug, fixed since) is worth sending again. ``replay`` produces the event
-back onto its source topic and partition, under its key, with
-:data:`~schemas.topics.REDRIVE_HEADER` naming the stage: that stage handles it like any
-event, and every other agent reading the topic passes it by. A replayed event may be
-older than what its stage has handled since. Stages take that in their stride, as they
-do Kafka's redeliveries: routing keeps a study's latest version, and outputs are
-idempotent.
-
-Each replay is an audit event (``deadletter-replayed``: who, the letter's position, where
-the event went), and the audit topic is what makes a replay happen once: a letter replayed
-before is skipped. A replay that fails between its produce and its audit event is sent
-again by the next run, which the stages' idempotence absorbs.
-
-The results delivery's letters go back through ``radstream results replay-dead``. The
-gateways' refusals were answered to their senders, whose resend is the retry.
+back, once, to the one stage that failed it (:mod:`streams.runner` writes them). Only a
+``service_unavailable`` or ``stage_error`` letter is replayed (an ``undecodable`` or
+``unexpected_event`` one would fail the same way again): its event goes back onto its source
+topic and partition, under its key, with :data:`~schemas.topics.REDRIVE_HEADER` naming the
+stage, so that stage handles it and every other agent reading the topic passes it by. The
+event may be older than what its stage handled since, which stages take in their stride as
+they do Kafka's redeliveries (routing keeps a study's latest version; outputs are
+idempotent). Each replay is an audit event (``deadletter-replayed``), and the audit topic is
+what makes a replay happen once; one that fails between its produce and its audit event is
+sent again by the next run. The results delivery's letters go back through ``radstream
+results replay-dead``; the gateways' refusals were answered to their senders.
 
 Exit codes: 0 done, 1 the broker could not be read or a letter could not be replayed,
 2 bad arguments.
