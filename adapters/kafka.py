@@ -1,4 +1,5 @@
-"""Kafka plumbing every process shares: topic creation, producer settings, exact end offsets.
+"""Kafka plumbing every process shares: topic creation, producer settings, exact end offsets,
+consumer groups' lag.
 
 The topic table itself is the contract (:mod:`schemas.topics`); this module is the
 confluent-kafka side of it.
@@ -7,6 +8,8 @@ confluent-kafka side of it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from schemas.settings import Settings
 from schemas.topics import ALL_TOPICS
@@ -106,3 +109,57 @@ def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout_s: fl
         return ends
     finally:
         consumer.close()
+
+
+@dataclass(frozen=True)
+class GroupLag:
+    """How far one consumer group is behind on one topic, summed over its partitions."""
+
+    group: str
+    topic: str
+    partitions: int
+    committed: int
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - self.committed
+
+
+def consumer_lag(bootstrap: str, accept: Callable[[str], bool] = lambda group: True,
+                 timeout_s: float = 10.0) -> list[GroupLag]:
+    """Every accepted consumer group's committed offsets against the topics' exact ends
+    (:func:`end_offsets`), by group and topic. A partition the group never committed counts
+    from the partition's start: its records are all still to read."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "client.id": "radstream-lag", "log_level": 3})
+    listing = admin.list_consumer_groups(request_timeout=timeout_s).result(timeout=timeout_s)
+    groups = sorted(g.group_id for g in listing.valid if accept(g.group_id))
+    committed: dict[str, dict[tuple[str, int], int]] = {}
+    for group in groups:  # the client asks one group per request
+        future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
+                                                   request_timeout=timeout_s)[group]
+        offsets = future.result(timeout=timeout_s).topic_partitions or []
+        committed[group] = {(tp.topic, tp.partition): tp.offset for tp in offsets if tp.error is None}
+    pairs = sorted({pair for offsets in committed.values() for pair in offsets})
+    ends = end_offsets(bootstrap, pairs, timeout_s) if pairs else {}
+    lows: dict[tuple[str, int], int] = {}
+    if pairs:
+        from confluent_kafka import Consumer
+
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "radstream-lag", "log_level": 3})
+        try:
+            for topic, partition in pairs:
+                low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+                lows[(topic, partition)] = max(low, 0)
+        finally:
+            consumer.close()
+    rows = []
+    for group in groups:
+        for topic in sorted({t for t, _ in committed[group]}):
+            parts = {p: o for (t, p), o in committed[group].items() if t == topic}
+            done = sum(o if o >= 0 else lows[(topic, p)] for p, o in parts.items())
+            rows.append(GroupLag(group, topic, len(parts), done, sum(ends[(topic, p)] for p in parts)))
+    return rows

@@ -455,6 +455,59 @@ def topics_list(ctx: click.Context, show_all: bool, timeout_s: float) -> int:
     return 0
 
 
+@topics.command("lag")
+@config_option
+@click.option("--all", "show_all", is_flag=True, help="also consumer groups that are not radstream's")
+@click.option("--watch", "watch_s", type=click.FloatRange(min=1), help="print again every S seconds, with rates")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list (once)")
+@click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True)
+@click.pass_context
+def topics_lag(ctx: click.Context, show_all: bool, watch_s: float | None, as_json: bool, timeout_s: float) -> int:
+    """How far each consumer group is behind, by topic: the stream workers, the AI worker,
+    results delivery. With --watch, how fast each reads and whether its lag grows."""
+    from confluent_kafka import KafkaException
+    from rich.table import Table
+
+    from adapters.kafka import consumer_lag
+
+    settings = _settings(ctx)
+    prefix = settings.kafka.topic_prefix
+
+    def read() -> list:
+        try:
+            return consumer_lag(settings.kafka_bootstrap, lambda g: show_all or g.startswith((f"{prefix}-", f"{prefix}.")),
+                                timeout_s)
+        except (KafkaException, TimeoutError) as exc:
+            raise click.ClickException(f"broker {settings.kafka_bootstrap}: {exc}") from None
+
+    rows, at = read(), time.monotonic()
+    if as_json:
+        click.echo(to_json([{**dataclasses.asdict(r), "lag": r.lag} for r in rows]))
+        return 0
+    before: dict[tuple[str, str], tuple[float, int, int]] = {}
+    try:
+        while True:
+            table = Table("group", "topic", "partitions", "committed", "end", "lag",
+                          *(("read/s", "lag change/s") if watch_s else ()))
+            for r in rows:
+                rates = ()
+                if watch_s:
+                    then = before.get((r.group, r.topic))
+                    rates = ("", "") if then is None else (
+                        f"{(r.committed - then[1]) / (at - then[0]):.1f}", f"{(r.lag - then[2]) / (at - then[0]):+.1f}")
+                table.add_row(r.group, r.topic, str(r.partitions), str(r.committed), str(r.end), str(r.lag), *rates)
+            _console().print(table)
+            if not rows:
+                click.echo(f"no consumer group has committed offsets on {settings.kafka_bootstrap}", err=True)
+            if not watch_s:
+                return 0
+            before = {(r.group, r.topic): (at, r.committed, r.lag) for r in rows}
+            time.sleep(max(0.0, watch_s - (time.monotonic() - at)))
+            rows, at = read(), time.monotonic()
+    except KeyboardInterrupt:
+        return 0
+
+
 def resolve_topic(settings: Settings, existing: Sequence[str], topic: str) -> str:
     """A full topic name, or the suffix of a radstream topic (``instance.received``)."""
     for candidate in (topic, settings.topic(topic)):

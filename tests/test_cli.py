@@ -94,6 +94,30 @@ def test_topics_list_shows_partitions_and_message_counts(broker: Settings, produ
     assert len(rows) == len(ALL_TOPICS)
 
 
+def test_topics_lag_shows_how_far_each_group_is_behind(broker: Settings, produced: InstanceReceived) -> None:
+    """A group that read one of instance.received's two records is one behind; a group of
+    another application shows with --all only; a group that never committed is not listed."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = INSTANCE_RECEIVED.name(broker)
+    probe = Consumer({"bootstrap.servers": broker.kafka_bootstrap, "group.id": "probe"})
+    partition = next(p for p in range(broker.kafka.partitions)  # both records have one key
+                     if probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] > 0)
+    probe.close()
+    for group, offset in ((f"{broker.kafka.topic_prefix}-streams", 1), ("someone-else", 2)):
+        consumer = Consumer({"bootstrap.servers": broker.kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+        consumer.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+        consumer.close()
+    done = radstream("topics", "lag", "--json", env=_env(broker))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"group": f"{broker.kafka.topic_prefix}-streams", "topic": topic, "partitions": 1,
+                                        "committed": 1, "end": 2, "lag": 1}]
+    everyone = json.loads(radstream("topics", "lag", "--all", "--json", env=_env(broker)).stdout)
+    assert {(r["group"], r["lag"]) for r in everyone} >= {("someone-else", 0), (f"{broker.kafka.topic_prefix}-streams", 1)}
+    table = radstream("topics", "lag", env=_env(broker))
+    assert table.returncode == 0 and f"{broker.kafka.topic_prefix}-streams" in table.stdout
+
+
 def test_topics_tail_decodes_events_and_reports_undecodable_ones(broker: Settings, produced: InstanceReceived) -> None:
     done = radstream("topics", "tail", "instance.received", "--decode", "--from-beginning", "--max", "2",
                      "--timeout", "10", env=_env(broker))
