@@ -134,9 +134,11 @@ def _split_segments(text: str) -> list[str]:
 
 def read_header(payload: bytes) -> Header:
     """MSH of ``payload``; raises :class:`Rejected` (AR) when there is no usable MSH."""
-    if not payload.strip():
+    # whitespace as segments are split: str's, which is more than bytes' (0x1C-0x1F, 0x85, 0xA0)
+    segments = _split_segments(payload.decode("latin-1"))
+    if not segments:
         raise Rejected(Ack.REJECT, ErrorCode.SEGMENT_SEQUENCE, "empty_message", "empty HL7 message")
-    first = _split_segments(payload.decode("latin-1"))[0]
+    first = segments[0]
     if not first.startswith("MSH"):
         raise Rejected(Ack.REJECT, ErrorCode.SEGMENT_SEQUENCE, "no_msh",
                        f"message does not start with an MSH segment (starts {first[:12]!r})", "MSH")

@@ -300,6 +300,8 @@ def _corpus() -> dict[str, Bad]:
         "block over the size limit": Bad(oversized, "AR", "100", "bad_framing",
                                          f"MLLP block of {len(oversized)} bytes exceeds the {MAX_BYTES}-byte limit"),
         "empty block": Bad(framed(b""), "AR", "100", "empty_message", "empty HL7 message"),
+        # found by load.fuzz_gateways: separators Python counts as whitespace (0x1C-0x1F), none as bytes did
+        "only an information separator": Bad(framed(b"\x1f\r"), "AR", "100", "empty_message", "empty HL7 message"),
         "not HL7 at all": Bad(framed(b"hello world"), "AR", "100", "no_msh",
                               "message does not start with an MSH segment (starts 'hello world')"),
         "bad encoding characters": Bad(framed(orm().replace(b"MSH|^~\\&", b"MSH|^^\\&")), "AR", "102",
