@@ -38,6 +38,11 @@ for its group length) and cuts it into fragments, ~0.8 ms per response on the 2-
 machine for ~150 bytes. Responses with optional status elements (a failure's Error Comment
 or Offending Element), responses some handler watches (``EVT_DIMSE_SENT``, bound when
 pynetdicom logs at DEBUG) and every other message still go pynetdicom's way.
+
+Last, the DUL reactor no longer dies of what a peer sends: pynetdicom calls its state machine
+outside the handler that aborts on errors, so a response meeting an association the peer had
+just broken (or a command set without its Command Field) ended the thread with a traceback.
+:func:`_end_broken_association` ends such an association as that handler would.
 """
 
 from __future__ import annotations
@@ -217,6 +222,8 @@ def install() -> None:
         def run_reactor_closing(self: Any) -> None:
             try:
                 run_reactor(self)
+            except Exception as exc:  # noqa: BLE001  (any: the thread would die with the association half-open)
+                _end_broken_association(self, exc)
             finally:
                 pipe = self.__dict__.get("_radstream_pipe")
                 if pipe is not None:
@@ -234,6 +241,41 @@ def install() -> None:
         association.time = _ReactorTime("_run_reactor", _assoc_wait)
         transport.AssociationSocket.recv = _association_socket_recv
         _installed = True
+
+
+def _end_broken_association(dul: Any, error: Exception) -> None:
+    """End an association whose state machine failed on what the peer sent.
+
+    pynetdicom's DUL reactor calls its state machine outside the handler that aborts on
+    errors (``DULServiceProvider.run_reactor``), so an exception there ended the thread with
+    a traceback and left the association half-open until the association's own thread saw
+    it. Peers do it: one that sends P-DATA before our A-ASSOCIATE-AC (it arrives in Sta3,
+    the DUL aborts, AA-8 to Sta13, and the gateway's own accept, Evt7, then finds Sta13:
+    ``InvalidEventError``), or a command set without its Command Field (``AttributeError``
+    in the DIMSE decoding of DT-2). This does what that handler does: one line in the log,
+    an A-ABORT unless one was sent already (Sta13, PS3.8 9.2.3, waits only for the close),
+    and the connection closed.
+    """
+    import logging
+
+    from pynetdicom.pdu import A_ABORT_RQ
+
+    state = getattr(dul.state_machine, "current_state", None)
+    logging.getLogger("radstream.gateways.dicom_scp").warning(
+        "association aborted: what the peer sent broke pynetdicom's state machine in %s (%s: %s)",
+        state, type(error).__name__, error)
+    if dul.socket is not None and state != "Sta13":
+        abort = A_ABORT_RQ()
+        abort.source, abort.reason_diagnostic = 0x02, 0x00  # service provider, reason not specified
+        try:
+            dul.socket.send(abort.encode())
+        except Exception:  # noqa: BLE001  (the peer is gone already)
+            pass
+    dul.assoc.is_aborted, dul.assoc.is_established = True, False
+    dul.assoc._kill = True
+    dul._kill_thread = True
+    if dul.socket is not None:
+        dul.socket.close()
 
 
 def _direct_store_responses(send_msg: Callable[..., None]) -> Callable[..., None]:

@@ -1,20 +1,22 @@
-"""Property-based fuzzing of the gateways' parsers, on mutations of real inputs.
+"""Property-based fuzzing of the gateways, on mutations of real inputs.
 
-Over 400 lines: four parsers' properties and their mutators, shared by the tests and the long runs.
+Over 600 lines: five properties and their mutators, shared by the tests and the long runs.
 
-Four parsers, four properties, each run on random mutations (cut, flipped, inserted,
-deleted, duplicated bytes, and each protocol's own delimiters spliced in) of real
-input: pydicom's CT/MR/JPEG 2000 files for the DICOM intake and its completeness walk
-(:mod:`gateways.dicom_wire`), a STOW-RS body of two of them for the multipart reader
-(:mod:`gateways.stow_rs`, over real HTTP to an in-process server), framed ORM^O01 and
-ADT messages for the MLLP framer (:func:`gateways.hl7_mllp.read_frame`) and the HL7
-parser (:mod:`gateways.hl7_message`). For every mutation: no uncaught exception, no
-hang (a per-mutation deadline), and never a success answer for input not stored
-intact (a cut-short input is never accepted; what is accepted is stored byte for byte).
+Five properties, each run on random mutations (cut, flipped, inserted, deleted,
+duplicated bytes, and each protocol's own delimiters spliced in) of real input:
+pydicom's CT/MR/JPEG 2000 files for the DICOM intake and its completeness walk
+(:mod:`gateways.dicom_wire`); the bytes pynetdicom sends for a whole association (request,
+C-STORE of CT_small, release) to the gateway's SCP over TCP (pynetdicom's state machine
+and :mod:`gateways.dicom_reactor`); a STOW-RS body of two files for the multipart reader
+(:mod:`gateways.stow_rs`, over real HTTP to an in-process server); framed ORM^O01 and ADT
+messages for the MLLP framer (:func:`gateways.hl7_mllp.read_frame`) and the HL7 parser
+(:mod:`gateways.hl7_message`). For every mutation: no uncaught exception, no hang (a
+per-mutation deadline), and never a success answer for input not stored intact (a
+cut-short input is never accepted; what is accepted is stored byte for byte).
 
-``tests/test_fuzz_gateways.py`` runs each property for a few hundred mutations in
-``make test``; ``python -m load.fuzz_gateways --seconds N`` runs them for N seconds
-each and prints the mutation counts.
+``tests/test_fuzz_gateways.py`` runs each property for tens to hundreds of mutations in
+``make test``; ``python -m load.fuzz_gateways --seconds N [--only NAME]`` runs them for N
+seconds each and prints the mutation counts.
 """
 
 from __future__ import annotations
@@ -176,6 +178,182 @@ class DicomIntakeProperty:
             original = next(o for o in self.originals if o.startswith(mutant.data))
             assert len(mutant.data) <= original.find(b"\x28\x00\x10\x00US"), "a cut-short instance was stored"
         assert self.store.get(event.blob_uri) == mutant.data, "the stored blob is not the instance as received"
+
+
+# ---------------------------------------------------------------- 1b. a whole association, over TCP
+
+
+#: PDU and item types, lengths and message control headers (PS3.8 9.3): what a mutation splices in
+PDU_TOKENS = [b"\x01\x00", b"\x02\x00", b"\x04\x00", b"\x05\x00", b"\x06\x00", b"\x07\x00", b"\x20\x00",
+              b"\x21\x00", b"\x50\x00", b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x00\x00\x40\x00",
+              b"\x03", b"\x02", b"\x01", b"\x00"]
+
+
+def recorded_association(address: tuple[str, int], called_ae: str, contexts: list[tuple[str, str]],
+                         work: Callable[[Any], None]) -> bytes:
+    """What pynetdicom's SCU sends to ``address`` for an association (``contexts``: abstract
+    and transfer syntax), ``work(assoc)`` and the release: its bytes, kept by a relay."""
+    import socket
+
+    from pynetdicom import AE
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    sent = bytearray()
+
+    def relay() -> None:
+        client, _ = listener.accept()
+        upstream = socket.create_connection(address)
+
+        def pump(source: socket.socket, target: socket.socket, keep: bool) -> None:
+            while data := source.recv(1 << 16):
+                if keep:
+                    sent.extend(data)
+                target.sendall(data)
+            target.shutdown(socket.SHUT_WR)
+
+        back = threading.Thread(target=pump, args=(upstream, client, False), daemon=True)
+        back.start()
+        pump(client, upstream, True)
+        back.join(10)
+        client.close()
+        upstream.close()
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    scu = AE("FUZZ_SCU")
+    for abstract, transfer in contexts:
+        scu.add_requested_context(abstract, transfer)
+    assoc = scu.associate("127.0.0.1", listener.getsockname()[1], ae_title=called_ae)
+    assert assoc.is_established, "the recording association was refused"
+    try:
+        work(assoc)
+    finally:
+        assoc.release()
+        thread.join(10)
+        listener.close()
+    return bytes(sent)
+
+
+class DicomAssociationProperty:
+    """A mutated association, as a sender's bytes over TCP, to the gateway's SCP in this
+    process (pynetdicom's state machine, radstream's reactor, the C-STORE handler and the
+    intake): once the sender stops sending, the gateway closes the connection, and within
+    the ARTIM timer holds no association; none of its threads dies of an exception; it never
+    dead-letters an internal error; what it published is stored; and a real association is
+    served afterwards.
+
+    The bytes mutated are those pynetdicom sends for A-ASSOCIATE-RQ, a C-STORE of CT_small
+    and A-RELEASE-RQ, recorded once through a relay."""
+
+    name = "dicom-association"
+    #: a real C-ECHO association every this many mutations (the gateway still serves)
+    ECHO_EVERY = 25
+
+    def __init__(self, root: Path) -> None:
+        from adapters.blobs import LocalBlobStore
+        from gateways.dicom_scp import start_gateway
+        from radstream import procs
+        from schemas.settings import load_settings
+
+        # ARTIM at 1 s: an association whose A-ASSOCIATE-RQ was cut short waits for it that long
+        self.settings = load_settings(data_dir=root / "data-scp", **procs.isolated_listeners(
+            blobs={"backend": "local"}, dicom={"artim_timeout_s": 1.0}))
+        self.store = LocalBlobStore(root / "scp-blobs")
+        self.publisher = RecordingPublisher()
+        self.server = start_gateway(self.settings, self.store, self.publisher)  # type: ignore[arg-type]
+        self.address = (self.settings.bind_host, self.settings.dicom.port)
+        self.thread_deaths: list[str] = []
+        self._excepthook = threading.excepthook
+        threading.excepthook = self._thread_died
+        self.stream = self._record()
+        self.checked = 0
+
+    def _thread_died(self, args: Any) -> None:
+        self.thread_deaths.append(f"{args.thread.name if args.thread else '?'}: {args.exc_type.__name__}: "
+                                  f"{args.exc_value}")
+        self._excepthook(args)
+
+    def close(self) -> None:
+        threading.excepthook = self._excepthook
+        self.server.shutdown()
+
+    def _record(self) -> bytes:
+        """The bytes a real sender sends: pynetdicom's SCU through a relay that keeps them."""
+        from pydicom import dcmread
+        from pydicom.data import get_testdata_file
+        from pydicom.uid import ExplicitVRLittleEndian
+        from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+        statuses = []
+        stream = recorded_association(self.address, self.settings.dicom.ae_title,
+                                      [(CTImageStorage, ExplicitVRLittleEndian)],
+                                      lambda assoc: statuses.append(
+                                          assoc.send_c_store(dcmread(get_testdata_file("CT_small.dcm"))).Status))
+        assert statuses == [0x0000] and len(self.publisher.events) == 1, "the recording C-STORE was not stored"
+        self.publisher.clear()
+        return stream
+
+    def strategy(self) -> st.SearchStrategy[Mutant]:
+        return mutants(self.stream, PDU_TOKENS)
+
+    def _send(self, data: bytes) -> None:
+        """As a sender would: the A-ASSOCIATE-RQ (where the original's ends), the gateway's answer
+        awaited, then the rest, then the end of sending; read until the gateway closes."""
+        import socket
+
+        split = 6 + int.from_bytes(self.stream[2:6], "big")
+        with socket.create_connection(self.address, timeout=2.0) as sock:
+            try:
+                sock.sendall(data[:split])
+                sock.settimeout(0.25)
+                try:
+                    answered = sock.recv(1 << 16, socket.MSG_PEEK)
+                except TimeoutError:
+                    answered = b"?"  # still waiting for the rest of its PDU: give it the rest
+                sock.settimeout(2.0)
+                if answered:
+                    sock.sendall(data[split:])
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the gateway closed first (a rejection or an abort): what follows is read below
+            try:
+                while sock.recv(1 << 16):
+                    pass
+            except TimeoutError:
+                raise AssertionError("the gateway kept the connection open after the sender stopped") from None
+            except OSError:
+                pass  # reset by the gateway: closed too
+
+    def _echo(self) -> None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        scu = AE("FUZZ_ECHO")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate(*self.address, ae_title=self.settings.dicom.ae_title)
+        assert assoc.is_established, "the gateway no longer accepts an association"
+        try:
+            assert assoc.send_c_echo().Status == 0x0000, "the gateway no longer answers C-ECHO"
+        finally:
+            assoc.release()
+
+    def check(self, mutant: Mutant) -> None:
+        MUTATIONS[self.name] += 1
+        self.publisher.clear()
+        self.thread_deaths.clear()
+        self._send(mutant.data)
+        deadline = time.monotonic() + self.settings.dicom.artim_timeout_s + 1.0
+        while self.server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert not self.server.active_associations, "an association outlived its connection and the ARTIM timer"
+        assert not self.thread_deaths, f"a gateway thread died: {self.thread_deaths}"
+        assert not any(d["reason"] == "internal_error" for d in self.publisher.dead_letters), \
+            self.publisher.dead_letters
+        for event in self.publisher.events:
+            assert self.store.get(event.blob_uri), "an event was published for an instance not stored"
+        self.checked += 1
+        if self.checked % self.ECHO_EVERY == 0:
+            self._echo()
 
 
 # ---------------------------------------------------------------- 2. the STOW-RS multipart reader
@@ -377,7 +555,12 @@ class Hl7Property:
 def properties(root: Path) -> Iterator[list[Any]]:
     stow = StowProperty(root)
     try:
-        yield [DicomIntakeProperty(root), stow, Hl7Property(root, framing=True), Hl7Property(root, framing=False)]
+        association = DicomAssociationProperty(root)
+        try:
+            yield [DicomIntakeProperty(root), association, stow, Hl7Property(root, framing=True),
+                   Hl7Property(root, framing=False)]
+        finally:
+            association.close()
     finally:
         stow.close()
 
@@ -414,7 +597,8 @@ def quiet_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="time per property (default 60)")
-    parser.add_argument("--only", choices=["dicom-intake", "stow-multipart", "mllp-framer", "hl7-parser"])
+    parser.add_argument("--only", choices=["dicom-intake", "dicom-association", "stow-multipart", "mllp-framer",
+                                           "hl7-parser"])
     args = parser.parse_args(argv)
     quiet_logs()
     with tempfile.TemporaryDirectory(prefix="radstream-fuzz-") as tmp, properties(Path(tmp)) as props:

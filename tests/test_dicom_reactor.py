@@ -290,3 +290,57 @@ def test_a_response_someone_watches_goes_pynetdicom_s_way(scp, monkeypatch) -> N
     assert assoc.send_c_store(dcmread(get_testdata_file("CT_small.dcm"))).Status == 0x0000
     assoc.release()
     assert sorted(encoded) == ["C_STORE_RQ", "C_STORE_RSP"] and len(stored) == 1
+
+
+def test_a_pdu_that_aborts_an_association_while_its_request_is_handled_kills_no_thread(scp) -> None:
+    """A sender whose next PDU is invalid while the SCP still handles its C-STORE: the DUL
+    aborts at once (Evt19, AA-8, to Sta13), and the handler's response (Evt9) then meets
+    Sta13. pynetdicom raised that from its reactor thread, which died with a traceback (found
+    by load.fuzz_gateways' dicom-association property); now the association ends with one
+    log line and the SCP goes on serving. Whether the response meets Sta13 is a race with
+    the association thread taking the abort first: without the fix this test failed 7 runs
+    of 10 (and 0 of 10 with a handler slow enough to lose the race always)."""
+    import socket
+
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from load.fuzz_gateways import recorded_association
+
+    port, stored = scp
+    deaths: list[str] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: deaths.append(f"{args.exc_type.__name__}: {args.exc_value}")
+    try:
+        dataset = dcmread(get_testdata_file("CT_small.dcm"))
+        stream = recorded_association(("127.0.0.1", port), "REACTOR_SCP", [(CTImageStorage, ExplicitVRLittleEndian)],
+                                      lambda assoc: assoc.send_c_store(dataset))
+        pdus, at = [], 0
+        while at < len(stream):  # PS3.8 9.3.1: type, reserved, 4-byte length
+            end = at + 6 + int.from_bytes(stream[at + 2:at + 6], "big")
+            pdus.append(stream[at:end])
+            at = end
+        kinds = [pdu[0] for pdu in pdus]  # the request, the C-STORE's P-DATA, the release
+        assert kinds[0] == 0x01 and kinds[-1] == 0x05 and set(kinds[1:-1]) == {0x04}
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(pdus[0])
+            assert sock.recv(1 << 16)[:1] == b"\x02"  # A-ASSOCIATE-AC
+            sock.sendall(b"".join(pdus[1:-1]) + b"\x00" * 6)  # the C-STORE, then a PDU of type 0, which none is
+            time.sleep(0.5)  # the SCP answers the C-STORE while the connection is still open (Sta13)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := sock.recv(1 << 16):
+                answer += chunk
+        assert answer[:1] == b"\x07", "the invalid PDU is answered with an A-ABORT"
+        deadline = time.monotonic() + 10
+        while len(stored) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(stored) == 2  # the recording's C-STORE, and this one's
+        time.sleep(0.2)  # its response reaches the DUL
+        assert deaths == []
+        again = AE("REACTOR_SCU")
+        again.add_requested_context(Verification)
+        assoc = again.associate("127.0.0.1", port, ae_title="REACTOR_SCP")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        threading.excepthook = hook

@@ -1,8 +1,9 @@
-"""Property-based fuzzing of the four gateway parsers on mutations of real input.
+"""Property-based fuzzing of the gateways on mutations of real input.
 
 The properties live in :mod:`load.fuzz_gateways` (``python -m load.fuzz_gateways
---seconds N`` runs them longer): the DICOM intake with its completeness walk, the
-STOW-RS multipart reader over real HTTP, the MLLP framer and the HL7 parser. Each runs
+--seconds N`` runs them longer): the DICOM intake with its completeness walk, whole
+DICOM associations over TCP to the SCP, the STOW-RS multipart reader over real HTTP, the
+MLLP framer and the HL7 parser. Each runs
 a few hundred mutations here; the counts are reported at the end of the session.
 """
 
@@ -19,7 +20,8 @@ from load.fuzz_gateways import MUTATIONS, properties, run_property
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 #: Mutations per property in the test suite: a few seconds each on two cores.
-EXAMPLES = {"dicom-intake": 500, "stow-multipart": 150, "mllp-framer": 400, "hl7-parser": 400}
+EXAMPLES = {"dicom-intake": 500, "dicom-association": 60, "stow-multipart": 150, "mllp-framer": 400,
+            "hl7-parser": 400}
 
 
 @pytest.fixture(scope="module")
