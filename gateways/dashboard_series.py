@@ -6,7 +6,7 @@ and a pure function from the query's rows to a :class:`plotly.graph_objects.Figu
 checks every property as it is built and is drawn in the browser by plotly.js. Every series
 is per hour (UTC), over the window :func:`window` gives: the hours up to ``now``, the current
 one included; an hour without rows is an hour with nothing to count (0) or to measure (a gap).
-Figures hold aggregates only: hours, stages, priorities, counts and durations, never a study.
+Figures hold aggregates only: hours, stages, priorities, reasons, counts and durations, never a study.
 """
 
 from __future__ import annotations
@@ -178,6 +178,18 @@ def ai_agreement_figure(rows: list[Row], window: Window) -> go.Figure:
     return figure
 
 
+def dead_letters_figure(rows: list[Row], window: Window) -> go.Figure:
+    """dashboard_dead_letters: the events each stage dead-lettered per hour, one stacked bar per
+    stage and reason."""
+    figure = go.Figure(layout=_layout("Dead letters by stage and reason", "dead letters per hour", barmode="stack"))
+    for stage, reason in sorted({(row["stage"], row["reason"]) for row in rows}):
+        of_kind = [row for row in rows if row["stage"] == stage and row["reason"] == reason]
+        figure.add_trace(go.Bar(x=window.hours, y=_per_hour(of_kind, "hour", lambda row: row["letters"],
+                                                            window.hours, 0),
+                                name=f"{stage}: {reason}", opacity=0.8))
+    return figure
+
+
 @dataclass(frozen=True)
 class Series:
     """One plot: its named query, the query's parameters for a window, and its figure."""
@@ -198,8 +210,9 @@ SERIES: dict[str, Series] = {
     "backlog": Series("report_backlog", lambda w: {**_span(w), "by": "priority", "step_s": int(HOUR.total_seconds())},
                       backlog_figure),
     "ai-agreement": Series("dashboard_ai_agreement", _span, ai_agreement_figure),
+    "dead-letters": Series("dashboard_dead_letters", _span, dead_letters_figure),
 }
 
 
-__all__ = ["MAX_HOURS", "SERIES", "Series", "Window", "ai_agreement_figure", "backlog_figure", "hour_of",
-           "sla_figure", "throughput_figure", "turnaround_figure", "window"]
+__all__ = ["MAX_HOURS", "SERIES", "Series", "Window", "ai_agreement_figure", "backlog_figure", "dead_letters_figure",
+           "hour_of", "sla_figure", "throughput_figure", "turnaround_figure", "window"]

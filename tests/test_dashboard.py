@@ -34,9 +34,10 @@ from gateways import reading_api
 from gateways.dashboard_series import backlog_figure, window
 from gateways.reading_access import load_users, token_sha256
 from radstream import procs
-from schemas.events import (Alert, AlertAck, AuditEvent, CompletionReason, InferenceResult, InferenceStatus,
-                            LabelScore, ModelRun, Priority, ReaderFeedback, ReadingAction, Record, RoutingDecision,
-                            StudyAssembled, StudyLink, WorklistUpdate, finding_text, trace_id_for, utcnow)
+from schemas.events import (Alert, AlertAck, AuditEvent, CompletionReason, DeadLetter, InferenceResult,
+                            InferenceStatus, LabelScore, ModelRun, Priority, ReaderFeedback, ReadingAction, Record,
+                            RoutingDecision, StudyAssembled, StudyLink, WorklistUpdate, finding_text, trace_id_for,
+                            utcnow)
 from schemas.settings import Settings, load_settings
 from schemas.topics import AUDIT
 from streams.sink import group_rows, insert_rows
@@ -45,7 +46,7 @@ from test_alert_ack_api import Publisher
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-SERIES = ("turnaround", "sla", "throughput", "backlog", "ai-agreement")
+SERIES = ("turnaround", "sla", "throughput", "backlog", "ai-agreement", "dead-letters")
 TOKENS = {"admin": "tok-dashboard-admin", "reader": "tok-dashboard-neuro", "analyst": "tok-dashboard-analyst"}
 USERS_FILE = f"""
 [[user]]
@@ -172,6 +173,16 @@ def alerts_of(now: datetime) -> list[Record]:
     return alerts
 
 
+def dead_letters_of(now: datetime) -> list[Record]:
+    """Two de-identifications the object store was away for (an hour ago), one routing bug and
+    one undecodable instance event (three hours ago)."""
+    def letter(stage: str, reason: str, ago: timedelta) -> DeadLetter:
+        return DeadLetter(stage=stage, reason=reason, error="...", failed_at=now - ago, key="k")
+    return [letter("deidentify", "service_unavailable", timedelta(hours=1)),
+            letter("deidentify", "service_unavailable", timedelta(minutes=61)),
+            letter("route", "stage_error", timedelta(hours=3)), letter("assemble", "undecodable", timedelta(hours=3))]
+
+
 @dataclass
 class Network:
     settings: Settings
@@ -198,6 +209,8 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
         try:
             for event in [event for sent in STUDIES for event in events_of(sent, now)] + alerts_of(now):
                 insert_rows(client, group_rows(rows_for(event, 0, 0, "test")))  # the sink's path, event by event
+            for offset, letter in enumerate(dead_letters_of(now)):  # each letter at its own dead-letter offset
+                insert_rows(client, group_rows(rows_for(letter, 0, offset, "test.deadletter")))
         finally:
             client.close()
         users_file = tmp / "users.toml"
@@ -269,6 +282,8 @@ def test_each_role_gets_its_panels_and_the_figures_count_what_was_sent(network: 
     assert (sla["signed on time"], sla["signed late"], sla["open, overdue"], sla["open, in time"]) == (1, 0, 1, 3)
     backlog = {trace["name"]: trace["y"][-1] for trace in got["backlog"][1]["figure"]["data"]}
     assert backlog == {"critical": 1, "urgent": 1, "routine": 2, "overdue": 1}  # at the end of the last hour: now
+    assert totals("dead-letters") == {"deidentify: service_unavailable": 2, "route: stage_error": 1,
+                                      "assemble: undecodable": 1}
     turnaround = {trace["name"] for trace in got["turnaround"][1]["figure"]["data"]}
     assert {"routed p50", "routed p95", "ai p50", "signed p95"} <= turnaround
 
