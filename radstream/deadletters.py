@@ -18,9 +18,10 @@ Exit codes: 0 done, 1 the broker could not be read or a letter could not be repl
 from __future__ import annotations
 
 import getpass
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 import click
 
@@ -32,6 +33,7 @@ from schemas.topics import AUDIT, DEAD_LETTER, REDRIVE_HEADER, REDRIVE_OF_HEADER
 #: the reasons a replay can mend; the others would fail the same way again
 REPLAYABLE = ("service_unavailable", "stage_error")
 ACTION = "deadletter-replayed"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,37 +49,31 @@ class Letter:
         return f"{self.partition}:{self.offset}"
 
 
-def read_letters(settings: Settings, timeout_s: float = 30.0) -> list[Letter]:
-    """Every dead letter on the topic, to its true end (a letter that does not decode is
-    left out: the sink logs those)."""
+def _decoded(settings: Settings, suffix: str, kind: type[T], timeout_s: float) -> Iterator[tuple[int, int, T]]:
+    """``(partition, offset, event)`` of every ``kind`` event on a topic, read to its true end
+    (what does not decode is passed over: the sink logs it)."""
     from radstream.recording import record_topics
 
-    codec, letters = Codec(), []
-    recording, _ = record_topics(settings, [DEAD_LETTER.suffix], timeout_s=timeout_s)
-    for message in recording.messages:
-        try:
-            letter = codec.decode(message.value or b"")
-        except DecodeError:
-            continue
-        if isinstance(letter, DeadLetter):
-            letters.append(Letter(message.partition, message.offset, letter))
-    return letters
-
-
-def replays(settings: Settings, timeout_s: float = 30.0) -> dict[str, AuditEvent]:
-    """The replays made so far, by the position of their dead letter."""
-    from radstream.recording import record_topics
-
-    codec, done = Codec(), {}
-    recording, _ = record_topics(settings, [AUDIT.suffix], timeout_s=timeout_s)
+    codec = Codec()
+    recording, _ = record_topics(settings, [suffix], timeout_s=timeout_s)
     for message in recording.messages:
         try:
             event = codec.decode(message.value or b"")
         except DecodeError:
             continue
-        if isinstance(event, AuditEvent) and event.action == ACTION and "dead_letter" in event.detail:
-            done[event.detail["dead_letter"]] = event
-    return done
+        if isinstance(event, kind):
+            yield message.partition, message.offset, event
+
+
+def read_letters(settings: Settings, timeout_s: float = 30.0) -> list[Letter]:
+    """Every dead letter on the topic."""
+    return [Letter(*found) for found in _decoded(settings, DEAD_LETTER.suffix, DeadLetter, timeout_s)]
+
+
+def replays(settings: Settings, timeout_s: float = 30.0) -> dict[str, AuditEvent]:
+    """The replays made so far, by the position of their dead letter."""
+    return {event.detail["dead_letter"]: event for _, _, event in _decoded(settings, AUDIT.suffix, AuditEvent, timeout_s)
+            if event.action == ACTION and "dead_letter" in event.detail}
 
 
 def select(letters: Iterable[Letter], stages: Sequence[str] = (), reasons: Sequence[str] = ()) -> list[Letter]:
